@@ -1,0 +1,125 @@
+"""The ``imagegem`` command line: sample generation, SQL on the catalog, the tour, the benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pipelines.resources import ImageGemSettings
+
+
+def _settings() -> ImageGemSettings:
+    return ImageGemSettings.from_env(bind_env_vars=False)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from pipelines.sample.generator import SampleSpec, generate_sample
+
+    if args.scale == "full":
+        spec = SampleSpec.full(seed=args.seed)
+    else:
+        spec = SampleSpec(users=args.users, loras=args.loras, images=args.images, seed=args.seed)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        print(f"  {stage}: {done:,}/{total:,}", file=sys.stderr)
+
+    summary = generate_sample(Path(args.out), spec, progress=progress)
+    print(summary)
+    return 0
+
+
+def _print_query(con, sql: str, max_rows: int) -> None:
+    con.sql(sql).show(max_rows=max_rows, max_width=160)
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from warehouse.catalog import connect_readonly
+
+    path = args.catalog or _settings().catalog_path()
+    try:
+        con = connect_readonly(path)
+        for name, value in args.var or []:
+            con.execute(f"SET VARIABLE {name} = ?", [int(value) if value.lstrip("-").isdigit() else value])
+        _print_query(con, args.query, args.max_rows)
+    except (duckdb.Error, FileNotFoundError) as exc:
+        print(f"imagegem sql: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_tour(args: argparse.Namespace) -> int:
+    """Where the warehouse is, and the example questions answered on it."""
+    from warehouse.catalog import connect_readonly
+    from warehouse.sqlfiles import questions
+
+    path = _settings().catalog_path()
+    con = connect_readonly(path)
+    print(f"\nThe warehouse catalog is {path}")
+    print(f"Query it with:  .venv/bin/imagegem sql \"SELECT * FROM loras LIMIT 5\"  (or duckdb -readonly {path})\n")
+    print("Table 1 of the paper on this data (raw vs safety-filtered):")
+    _print_query(con, "SELECT * EXCLUDE (distinct_image_ids) FROM table1_stats", 5)
+    examples = {
+        "tag": "SELECT t FROM (SELECT unnest(tags) AS t FROM loras) GROUP BY t ORDER BY count(*) DESC, t LIMIT 1",
+        "image_id": "SELECT imageId FROM image_loras WHERE n_loras > 1 ORDER BY imageId LIMIT 1",
+        "user_hash": "SELECT userHash FROM users WHERE is_uploader ORDER BY n_image_rows DESC, userHash LIMIT 1",
+        "model_version_id": "SELECT modelVersionId FROM loras ORDER BY n_users DESC, modelVersionId LIMIT 1",
+    }
+    for name, sql in examples.items():
+        row = con.execute(sql).fetchone()
+        if row is not None:
+            con.execute(f"SET VARIABLE {name} = ?", [row[0]])
+    for name, sql in questions().items():
+        comment = next((ln[3:] for ln in sql.splitlines() if ln.startswith("-- ")), name)
+        print(f"\n== {name}: {comment}")
+        _print_query(con, sql, 6)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pipelines.bench import run_benchmark
+
+    return run_benchmark(Path(args.work), memory_limit=args.memory_limit)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("IMAGEGEM_LOG_LEVEL", "WARNING"))
+    parser = argparse.ArgumentParser(prog="imagegem", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample", help="write an ImageGem-shaped sample release (+ truth/)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--users", type=int, default=500)
+    p.add_argument("--loras", type=int, default=None, help="model rows (default: from --users)")
+    p.add_argument("--images", type=int, default=None, help="image rows (default: from --users)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", choices=["default", "full"], default="default",
+                   help="full = ImageGem's size (5,658,107 image rows), metadata only")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("sql", help="run a query read-only on the warehouse catalog")
+    p.add_argument("query")
+    p.add_argument("--catalog", default=None, help="catalog file (default: $IMAGEGEM_HOME/warehouse.duckdb)")
+    p.add_argument("--var", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="SET VARIABLE NAME = VALUE before the query (for getvariable())")
+    p.add_argument("--max-rows", type=int, default=40)
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("tour", help="print where the warehouse is and the example questions' answers")
+    p.set_defaults(func=cmd_tour)
+
+    p = sub.add_parser("bench", help="full-scale ingest + clean + catalog benchmark")
+    p.add_argument("--work", default="bench/out")
+    p.add_argument("--memory-limit", default="2GB", help="DuckDB memory limit")
+    p.set_defaults(func=cmd_bench)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The DuckDB catalog: a small database file of views over the lake's committed Parquet.
+
+Parquet is the source of truth; the catalog holds only views (and the prompt macros), so it
+is rebuilt in well under a second by one writer. It is built in a temporary file next to the
+target and swapped in with ``os.replace``: a reader holding the old file keeps reading it, a
+new reader gets the new one, and nobody is locked out. Views use absolute paths, so the file
+answers from any working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import duckdb
+
+from warehouse.duck import quote
+from warehouse.lake import Lake
+from warehouse.sqlfiles import install_macros
+
+# Lake tables exposed as views of the same name.
+CATALOG_TABLES = (
+    "images",
+    "models",
+    "users",
+    "loras",
+    "image_loras",
+    "prompts",
+    "interactions",
+    "table1_stats",
+)
+QUARANTINE_PARTS = ("quarantine/images", "quarantine/models")
+
+
+@dataclass
+class CatalogReport:
+    path: str
+    views: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+def build_catalog(lake: Lake, path: str) -> CatalogReport:
+    """Write the catalog at ``path`` with a view per committed table; atomic replace."""
+    if lake.remote:
+        raise ValueError(
+            "a remote lake needs a local catalog path (IMAGEGEM_CATALOG); "
+            "its views read s3:// through a filesystem the client registers"
+        )
+    report = CatalogReport(path=os.path.abspath(path))
+    directory = os.path.dirname(report.path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".warehouse-", suffix=".duckdb")
+    os.close(fd)
+    os.unlink(tmp)  # DuckDB creates the file itself
+    try:
+        con = duckdb.connect(tmp)
+        try:
+            install_macros(con)
+            for table in CATALOG_TABLES:
+                if lake.current(table) is None:
+                    report.missing.append(table)
+                    continue
+                con.execute(
+                    f"CREATE VIEW {table} AS SELECT * FROM read_parquet({quote(lake.glob(table))})"
+                )
+                report.views.append(table)
+            parts = [p for p in QUARANTINE_PARTS if lake.current(p) is not None]
+            if parts:
+                union = " UNION ALL BY NAME ".join(
+                    f"SELECT * FROM read_parquet({quote(lake.glob(p))})" for p in parts
+                )
+                con.execute(f"CREATE VIEW quarantine AS {union}")
+                report.views.append("quarantine")
+            else:
+                report.missing.append("quarantine")
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        os.replace(tmp, report.path)
+    except BaseException:
+        for leftover in (tmp, tmp + ".wal"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+        raise
+    return report
+
+
+def connect_readonly(path: str) -> duckdb.DuckDBPyConnection:
+    """A read-only connection to the catalog (many readers may hold one at once)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"no warehouse catalog at {path}: run `make demo` (or materialize the "
+            "warehouse_catalog asset) first"
+        )
+    return duckdb.connect(path, read_only=True)

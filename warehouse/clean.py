@@ -1,0 +1,418 @@
+"""The clean stage for the release-shaped tables (``images``, ``models``), in DuckDB SQL.
+
+Every raw row ends in exactly one of three places, decided in one staged pass:
+
+1. **quarantined** — it breaks a row rule (null id, impossible date, ...), it conflicts with a
+   later row of the same key, or the safety filter removes it; the quarantine row keeps the
+   source, key, reason, a detail and the raw payload (with the user already hashed);
+2. **dropped as an exact duplicate** of an earlier row (counted, not kept);
+3. **kept** in the clean table: typed (timestamps as TIMESTAMP), users hashed.
+
+so ``rows_in = rows_out + quarantined + duplicates`` holds by construction, and an asset check
+verifies it from the written files. Rules are data (:class:`Rule`): a reason, a SQL condition
+and an optional detail expression, evaluated in order; the first that fires is the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import duckdb
+import pyarrow as pa
+
+from warehouse.duck import copy_to_parquet, quote
+from warehouse.lake import Lake
+from warehouse.safety import LexiconScorer, ToxicityScorer
+from warehouse.schema import (
+    IMAGES,
+    INGEST_ERROR,
+    MODELS,
+    SOURCE_FILE,
+    SOURCE_ROW,
+    USER_HASH_PATTERN,
+    Kind,
+    ReleaseTable,
+)
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("step", pa.string()),
+        ("table_name", pa.string()),
+        ("record_key", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("source_file", pa.string()),
+        ("source_row", pa.int64()),
+        ("payload", pa.string()),
+        ("quarantined_at", pa.timestamp("us")),
+    ]
+)
+PAYLOAD_MAX_CHARS = 65_536  # per text field of a quarantined payload
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    """Cleaning and safety settings (the paper's defaults)."""
+
+    user_salt: str
+    max_browsing_level: int = 1
+    toxicity_threshold: float = 0.2
+    max_prompt_chars: int = 16_384
+    min_timestamp: str = "2022-01-01"
+    blocked_level_mask: int = 32  # Civitai's "Blocked" flag
+    source: str = "release"
+
+    def __post_init__(self) -> None:
+        if not self.user_salt:
+            raise ValueError("user_salt must be a non-empty string (IMAGEGEM_USER_SALT)")
+        if not 0.0 <= self.toxicity_threshold <= 1.0:
+            raise ValueError(f"toxicity_threshold {self.toxicity_threshold} not in [0, 1]")
+        if self.max_prompt_chars <= 0:
+            raise ValueError("max_prompt_chars must be positive")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A reason to quarantine a row: ``when`` is SQL over the typed row, ``detail`` SQL text."""
+
+    reason: str
+    when: str
+    detail: str = "NULL"
+    reason_sql: str | None = None  # a SQL expression instead of the fixed reason text
+
+
+@dataclass(frozen=True)
+class CleanSpec:
+    """How one release table is cleaned."""
+
+    table: ReleaseTable
+    raw: str  # lake table of the raw landing
+    out: str  # lake table of the clean output
+    quarantine: str  # lake table of this step's quarantine rows
+    rules: tuple[Rule, ...]
+    safety_rules: tuple[Rule, ...]
+    toxicity_text: str  # SQL over the typed row: the text the toxicity scorer reads
+
+    @property
+    def step(self) -> str:
+        return f"clean_{self.table.name}"
+
+
+@dataclass
+class StepReport:
+    """Counts of one clean step; ``reconciles`` is the invariant the asset check enforces."""
+
+    step: str
+    table: str
+    rows_in: int = 0
+    rows_out: int = 0
+    quarantined: int = 0
+    duplicates: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    scorer: str = ""
+    version: str = ""
+    max_kept_toxicity: float = 0.0
+
+    @property
+    def reconciles(self) -> bool:
+        return self.rows_in == self.rows_out + self.quarantined + self.duplicates
+
+    def reason_table_md(self) -> str:
+        lines = ["| reason | rows |", "|---|---:|"]
+        lines += [f"| {r} | {n:,} |" for r, n in sorted(self.reasons.items(), key=lambda x: -x[1])]
+        return "\n".join(lines)
+
+
+# -- the rules --------------------------------------------------------------------------------
+
+def _ts(column: str) -> str:
+    """Typed timestamp from release text ("YYYY-MM-DD HH:MM:SS" or ISO 8601)."""
+    return (
+        f"COALESCE(try_strptime({column}, '%Y-%m-%d %H:%M:%S'), "
+        f"try_cast({column} AS TIMESTAMP))"
+    )
+
+
+def _date_rules(column: str, cfg: CleanConfig, required: bool) -> list[Rule]:
+    rules = []
+    if required:
+        rules.append(Rule(f"missing {column}", f"_raw_{column} IS NULL"))
+    rules += [
+        Rule(
+            f"unparseable {column}",
+            f"_raw_{column} IS NOT NULL AND {column} IS NULL",
+            f"left(_raw_{column}, 64)",
+        ),
+        Rule(
+            f"impossible {column}",
+            f"{column} < TIMESTAMP {quote(cfg.min_timestamp)} "
+            f"OR {column} > now()::TIMESTAMP + INTERVAL 1 DAY",
+            f"CAST({column} AS VARCHAR)",
+        ),
+    ]
+    return rules
+
+
+def images_spec(cfg: CleanConfig) -> CleanSpec:
+    counts = ", ".join(
+        ["cryCount", "laughCount", "likeCount", "dislikeCount", "heartCount", "commentCount"]
+    )
+    rules = (
+        Rule("null imageId", "imageId IS NULL"),
+        Rule("null modelVersionId", "modelVersionId IS NULL"),
+        Rule("missing userHash", "userHash IS NULL"),
+        Rule(
+            "non-positive width/height",
+            "width <= 0 OR height <= 0",
+            "concat(width, 'x', height)",
+        ),
+        *_date_rules("createdAt", cfg, required=True),
+        Rule(
+            "prompt too long",
+            f"length(prompt) > {cfg.max_prompt_chars}",
+            f"printf('%d chars > {cfg.max_prompt_chars}', length(prompt))",
+        ),
+        Rule("negative reaction count", f"least({counts}) < 0"),
+        Rule("missing browsingLevel", "browsingLevel IS NULL"),
+    )
+    safety = (
+        Rule(
+            "unsafe: browsingLevel",
+            f"browsingLevel > {cfg.max_browsing_level}",
+            f"printf('browsingLevel %d > {cfg.max_browsing_level}', browsingLevel)",
+        ),
+        Rule(
+            "unsafe: toxic prompt",
+            f"_toxicity > {cfg.toxicity_threshold}",
+            f"printf('toxicity %.3f > {cfg.toxicity_threshold} (%s)', _toxicity, _scorer)",
+        ),
+    )
+    return CleanSpec(IMAGES, "raw/images", "images", "quarantine/images", rules, safety, "prompt")
+
+
+def models_spec(cfg: CleanConfig) -> CleanSpec:
+    rules = (
+        Rule("null modelId", "modelId IS NULL"),
+        Rule("null modelVersionId", "modelVersionId IS NULL"),
+        Rule("null fileId", "fileId IS NULL"),
+        Rule("missing userHash", "userHash IS NULL"),
+        Rule("negative sizeKB", "sizeKB < 0", "CAST(sizeKB AS VARCHAR)"),
+        *_date_rules("publishedAt", cfg, required=True),
+        *_date_rules("scannedAt", cfg, required=False),
+        Rule("negative count", "least(downloadCount, ratingCount, thumbsUpCount, thumbsDownCount) < 0"),
+    )
+    mask = cfg.blocked_level_mask
+    safety = (
+        Rule(
+            "unsafe: blocked nsfw level",
+            f"(coalesce(modelNsfwLevel, 0) & {mask}) <> 0 "
+            f"OR (coalesce(modelVersionNsfwLevel, 0) & {mask}) <> 0",
+            "concat('modelNsfwLevel ', modelNsfwLevel, ', modelVersionNsfwLevel ', modelVersionNsfwLevel)",
+        ),
+        Rule(
+            "unsafe: toxic model text",
+            f"_toxicity > {cfg.toxicity_threshold}",
+            f"printf('toxicity %.3f > {cfg.toxicity_threshold} (%s)', _toxicity, _scorer)",
+        ),
+    )
+    text = "concat_ws(' ', modelName, modelVersionName, tags)"
+    return CleanSpec(MODELS, "raw/models", "models", "quarantine/models", rules, safety, text)
+
+
+# -- the engine -------------------------------------------------------------------------------
+
+def user_hash_sql(column: str, salt_param: str = "$salt") -> str:
+    """A release userHash kept (lower-cased) when it is a hash, else salted-SHA-256 hashed."""
+    value = f"trim({column})"
+    return (
+        f"CASE WHEN {column} IS NULL OR {value} = '' THEN NULL "
+        f"WHEN regexp_full_match(lower({value}), '{USER_HASH_PATTERN[1:-1]}') THEN lower({value}) "
+        f"ELSE sha256({salt_param} || {value}) END"
+    )
+
+
+def _typed_select(table: ReleaseTable) -> str:
+    parts = []
+    for column, kind in table.columns:
+        name = f'"{column}"'
+        if kind is Kind.TIMESTAMP_TEXT:
+            parts.append(f"{_ts(name)} AS {name}")
+            parts.append(f"{name} AS \"_raw_{column}\"")
+        elif column == "userHash":
+            parts.append(f"{user_hash_sql(name)} AS {name}")
+        else:
+            parts.append(name)
+    parts += [SOURCE_FILE, SOURCE_ROW, INGEST_ERROR]
+    return ", ".join(parts)
+
+
+def _first_rule(rules: Sequence[Rule], value: str) -> str:
+    """CASE over the rules giving the first matching rule's reason (value='reason') or detail."""
+    whens = " ".join(
+        f"WHEN ({r.when}) THEN {(r.reason_sql or quote(r.reason)) if value == 'reason' else r.detail}"
+        for r in rules
+    )
+    return f"CASE {whens} END"
+
+
+def _score_texts(
+    con: duckdb.DuckDBPyConnection, spec: CleanSpec, scorer: ToxicityScorer
+) -> None:
+    """Temp table _tox(_text, _toxicity) over the distinct texts of the raw landing."""
+    distinct = f"SELECT DISTINCT {spec.toxicity_text} AS _text FROM _raw WHERE {spec.toxicity_text} IS NOT NULL"
+    if isinstance(scorer, LexiconScorer):
+        scorer.install(con)
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE _tox AS SELECT _text, toxicity(_text) AS _toxicity FROM ({distinct})"
+        )
+        return
+    con.execute("CREATE OR REPLACE TEMP TABLE _tox (_text VARCHAR, _toxicity DOUBLE)")
+    reader = con.execute(distinct).fetch_record_batch(50_000)
+    for batch in reader:
+        texts = batch.column(0).to_pylist()
+        scores = scorer.score(texts)
+        chunk = pa.table({"_text": texts, "_toxicity": pa.array(scores, pa.float64())})
+        con.register("_tox_chunk", chunk)
+        con.execute("INSERT INTO _tox SELECT * FROM _tox_chunk")
+        con.unregister("_tox_chunk")
+
+
+def clean_release_table(
+    con: duckdb.DuckDBPyConnection,
+    lake: Lake,
+    spec: CleanSpec,
+    cfg: CleanConfig,
+    scorer: ToxicityScorer,
+    log: logging.Logger | None = None,
+) -> StepReport:
+    """Clean one release table from its raw landing into the lake (table + quarantine)."""
+    log = log or logging.getLogger(__name__)
+    table = spec.table
+    con.execute(
+        f"CREATE OR REPLACE TEMP VIEW _raw AS SELECT * FROM read_parquet({quote(lake.glob(spec.raw))})"
+    )
+    log.info(f"{spec.step}: scoring distinct texts with {scorer.name}")
+    _score_texts(con, spec, scorer)
+
+    key = ", ".join(f'"{k}"' for k in table.key)
+    content = ", ".join(f'"{c}"' for c in table.column_names)
+    ingest_rule = Rule("ingest error", f"{INGEST_ERROR} IS NOT NULL", "NULL", INGEST_ERROR)
+    rules = (ingest_rule, *spec.rules)
+    reason_sql = _first_rule(rules, "reason")
+    log.info(f"{spec.step}: staging rows (rules, duplicates, safety)")
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE _stage AS
+        WITH typed AS (SELECT {_typed_select(table)} FROM _raw),
+        checked AS (
+            SELECT t.*, {reason_sql} AS _rule_reason, {_first_rule(rules, 'detail')} AS _rule_detail
+            FROM typed t
+        ),
+        copies AS (
+            SELECT *, CASE WHEN _rule_reason IS NULL THEN row_number() OVER (
+                PARTITION BY _rule_reason IS NULL, {key}, hash({content})
+                ORDER BY {SOURCE_FILE}, {SOURCE_ROW}) ELSE 1 END AS _copy
+            FROM checked
+        ),
+        keyed AS (
+            SELECT *, CASE WHEN _rule_reason IS NULL AND _copy = 1 THEN row_number() OVER (
+                PARTITION BY _rule_reason IS NULL AND _copy = 1, {key}
+                ORDER BY {SOURCE_FILE} DESC, {SOURCE_ROW} DESC) ELSE 1 END AS _keyrank
+            FROM copies
+        ),
+        scored AS (
+            SELECT k.*, coalesce(x._toxicity, 0.0) AS _toxicity, $scorer AS _scorer
+            FROM keyed k LEFT JOIN _tox x ON x._text = ({spec.toxicity_text})
+        )
+        SELECT * EXCLUDE (_rule_reason, _rule_detail, _copy, _keyrank),
+            CASE WHEN _rule_reason IS NOT NULL THEN 'quarantined'
+                 WHEN _copy > 1 THEN 'duplicate'
+                 WHEN _keyrank > 1 THEN 'quarantined'
+                 WHEN ({_first_rule(spec.safety_rules, 'reason')}) IS NOT NULL THEN 'quarantined'
+                 ELSE 'kept' END AS _status,
+            CASE WHEN _rule_reason IS NOT NULL THEN _rule_reason
+                 WHEN _copy > 1 THEN 'exact duplicate'
+                 WHEN _keyrank > 1 THEN 'conflicting duplicate key'
+                 ELSE {_first_rule(spec.safety_rules, 'reason')} END AS _reason,
+            CASE WHEN _rule_reason IS NOT NULL THEN _rule_detail
+                 WHEN _copy > 1 OR _keyrank > 1 THEN NULL
+                 ELSE {_first_rule(spec.safety_rules, 'detail')} END AS _detail
+        FROM scored
+        """,
+        {"salt": cfg.user_salt, "scorer": scorer.name},
+    )
+    report = StepReport(step=spec.step, table=table.name, scorer=scorer.name)
+    report.max_kept_toxicity = con.execute(
+        "SELECT coalesce(max(_toxicity), 0) FROM _stage WHERE _status = 'kept'"
+    ).fetchone()[0]
+    for status, reason, n in con.execute(
+        "SELECT _status, _reason, count(*) FROM _stage GROUP BY ALL"
+    ).fetchall():
+        report.rows_in += n
+        if status == "kept":
+            report.rows_out += n
+        elif status == "duplicate":
+            report.duplicates += n
+        else:
+            report.quarantined += n
+        if reason is not None:
+            report.reasons[reason] = report.reasons.get(reason, 0) + n
+
+    log.info(f"{spec.step}: writing {report.rows_out:,} clean rows")
+    with lake.writing(spec.out) as version:
+        copy_to_parquet(
+            con,
+            f"SELECT {content} FROM _stage WHERE _status = 'kept' ORDER BY {key}",
+            version.part(0),
+        )
+        report.version = version.name
+    write_quarantine(con, lake, spec, cfg)
+    con.execute("DROP TABLE _stage; DROP TABLE _tox; DROP VIEW _raw")
+    return report
+
+
+def write_quarantine(
+    con: duckdb.DuckDBPyConnection, lake: Lake, spec: CleanSpec, cfg: CleanConfig
+) -> None:
+    """The quarantine rows of a staged step, with the payload as landed (user hashed)."""
+    fields = []
+    for column, kind in spec.table.columns:
+        if kind is Kind.TIMESTAMP_TEXT:
+            fields.append(f'"{column}" := "_raw_{column}"')
+        elif kind is Kind.STRING:
+            fields.append(f'"{column}" := left("{column}", {PAYLOAD_MAX_CHARS})')
+        else:
+            fields.append(f'"{column}" := "{column}"')
+    record_key = " || '/' || ".join(
+        f"'{k}=' || coalesce(CAST(\"{k}\" AS VARCHAR), 'NULL')" for k in spec.table.key
+    )
+    now = datetime.now(UTC).replace(tzinfo=None).isoformat(sep=" ")
+    with lake.writing(spec.quarantine) as version:
+        copy_to_parquet(
+            con,
+            f"""SELECT {quote(cfg.source)} AS source, {quote(spec.step)} AS step,
+                {quote(spec.table.name)} AS table_name, {record_key} AS record_key,
+                _reason AS reason, _detail AS detail,
+                {SOURCE_FILE} AS source_file, {SOURCE_ROW} AS source_row,
+                to_json(struct_pack({", ".join(fields)})) AS payload,
+                TIMESTAMP {quote(now)} AS quarantined_at
+            FROM _stage WHERE _status = 'quarantined' ORDER BY source_file, source_row""",
+            version.part(0),
+        )
+
+
+def count_rows(con: duckdb.DuckDBPyConnection, lake: Lake, table: str) -> int:
+    return con.execute(f"SELECT count(*) FROM read_parquet({quote(lake.glob(table))})").fetchone()[0]
+
+
+def reconcile(con: duckdb.DuckDBPyConnection, lake: Lake, spec: CleanSpec) -> tuple[int, int, int]:
+    """(rows_in, rows_out, quarantined) counted from the written files, for the asset check."""
+    return (
+        count_rows(con, lake, spec.raw),
+        count_rows(con, lake, spec.out),
+        count_rows(con, lake, spec.quarantine),
+    )

@@ -1,0 +1,48 @@
+"""DuckDB connections for the pipeline's writers, bounded in memory and able to reach the lake."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import duckdb
+
+from warehouse.lake import Lake
+
+
+@dataclass(frozen=True)
+class DuckSettings:
+    """Resource limits for a pipeline DuckDB connection (DuckDB's default is 80 % of RAM)."""
+
+    memory_limit: str = "2GB"
+    threads: int = 2
+    temp_directory: str | None = None
+
+
+def connect(lake: Lake, settings: DuckSettings | None = None, database: str = ":memory:"):
+    """An in-process DuckDB connection with bounded memory that can read/write ``lake``.
+
+    DuckDB's httpfs extension cannot be installed offline, so a remote lake is reached
+    through fsspec: the lake's filesystem is registered with the connection.
+    """
+    settings = settings or DuckSettings()
+    con = duckdb.connect(database)
+    con.execute(f"SET memory_limit = '{settings.memory_limit}'")
+    con.execute(f"SET threads = {int(settings.threads)}")
+    con.execute("SET preserve_insertion_order = false")
+    if settings.temp_directory:
+        os.makedirs(settings.temp_directory, exist_ok=True)
+        con.execute(f"SET temp_directory = {quote(settings.temp_directory)}")
+    if lake.remote:
+        con.register_filesystem(lake.fs)
+    return con
+
+
+def quote(text: str) -> str:
+    """A SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def copy_to_parquet(con, query: str, path: str) -> None:
+    """Write the result of ``query`` to one Parquet file (zstd)."""
+    con.execute(f"COPY ({query}) TO {quote(path)} (FORMAT parquet, COMPRESSION zstd)")

@@ -1,0 +1,159 @@
+"""The Parquet lake: where every table's files live, locally or on S3, written atomically.
+
+Layout under the lake root (a local folder or an ``s3://bucket/prefix`` URL)::
+
+    <root>/<table>/version-<UTC timestamp>-<8 hex>/part-00000.parquet ...
+    <root>/<table>/_CURRENT          # text: the name of the committed version folder
+
+A writer fills a fresh version folder that nobody reads, then commits it by replacing the
+small ``_CURRENT`` pointer (``os.replace`` locally; one PUT on S3, which is atomic). A run
+killed half-way leaves only an orphan folder that the next commit prunes, and the previous good
+version stays readable. Table names may contain ``/`` (``raw/images``, ``quarantine/images``).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import secrets
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+CURRENT = "_CURRENT"
+VERSION_PREFIX = "version-"
+KEEP_VERSIONS = 2  # the committed one and its predecessor (a catalog may still point at it)
+
+
+def is_remote(url: str) -> bool:
+    """True for URLs with a scheme other than file:// (s3://, memory://, ...)."""
+    return "://" in url and not url.startswith("file://")
+
+
+@dataclass(frozen=True)
+class TableVersion:
+    """A version folder of one table, being written or committed."""
+
+    table: str
+    name: str  # "version-20260101T000000000000Z-1a2b3c4d"
+    path: str  # full path/URL of the folder
+
+    def part(self, index: int = 0) -> str:
+        return posixpath.join(self.path, f"part-{index:05d}.parquet")
+
+
+class Lake:
+    """A root folder or S3 prefix holding versioned Parquet tables."""
+
+    def __init__(self, root: str, storage_options: dict | None = None) -> None:
+        if not is_remote(root):
+            root = os.path.abspath(root.removeprefix("file://"))
+        self.root = root.rstrip("/")
+        self.storage_options = storage_options or {}
+        self.fs, _ = fsspec.core.url_to_fs(self.root, **self.storage_options)
+        self.remote = is_remote(self.root)
+
+    def __repr__(self) -> str:
+        return f"Lake({self.root!r})"
+
+    # -- paths ---------------------------------------------------------------------------
+    def table_dir(self, table: str) -> str:
+        return posixpath.join(self.root, table)
+
+    def current(self, table: str) -> TableVersion | None:
+        """The committed version of ``table``, or None when it was never written."""
+        pointer = posixpath.join(self.table_dir(table), CURRENT)
+        try:
+            with self.fs.open(pointer, "r") as f:
+                name = f.read().strip()
+        except FileNotFoundError:
+            return None
+        return TableVersion(table, name, posixpath.join(self.table_dir(table), name))
+
+    def require(self, table: str) -> TableVersion:
+        version = self.current(table)
+        if version is None:
+            raise FileNotFoundError(
+                f"table {table!r} has no committed version under {self.root}: "
+                "materialize its asset first"
+            )
+        return version
+
+    def glob(self, table: str) -> str:
+        """A glob over the committed version's Parquet files, for DuckDB's read_parquet."""
+        return posixpath.join(self.require(table).path, "*.parquet")
+
+    # -- writing ---------------------------------------------------------------------------
+    def new_version(self, table: str) -> TableVersion:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        name = f"{VERSION_PREFIX}{stamp}-{secrets.token_hex(4)}"
+        version = TableVersion(table, name, posixpath.join(self.table_dir(table), name))
+        if not self.remote:
+            os.makedirs(version.path, exist_ok=False)
+        return version
+
+    def commit(self, version: TableVersion) -> None:
+        """Make ``version`` the table's current version, atomically; prune old versions."""
+        pointer = posixpath.join(self.table_dir(version.table), CURRENT)
+        if self.remote:
+            self.fs.pipe_file(pointer, version.name.encode())
+        else:
+            fd, tmp = tempfile.mkstemp(dir=self.table_dir(version.table), prefix=".current-")
+            with os.fdopen(fd, "w") as f:
+                f.write(version.name)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, pointer)
+        self._prune(version.table, keep=version.name)
+
+    def _prune(self, table: str, keep: str) -> None:
+        try:
+            entries = self.fs.ls(self.table_dir(table), detail=False)
+        except FileNotFoundError:
+            return
+        versions = sorted(
+            posixpath.basename(e.rstrip("/"))
+            for e in entries
+            if posixpath.basename(e.rstrip("/")).startswith(VERSION_PREFIX)
+        )
+        # Keep the newest committed versions; orphans of killed runs newer than `keep` go too.
+        committed_order = [v for v in versions if v <= keep]
+        survivors = set(committed_order[-KEEP_VERSIONS:])
+        for name in versions:
+            if name not in survivors:
+                self.fs.rm(posixpath.join(self.table_dir(table), name), recursive=True)
+
+    @contextmanager
+    def writing(self, table: str) -> Iterator[TableVersion]:
+        """Context manager: yields a fresh version, commits it when the block succeeds."""
+        version = self.new_version(table)
+        try:
+            yield version
+        except BaseException:
+            try:
+                self.fs.rm(version.path, recursive=True)
+            except FileNotFoundError:
+                pass
+            raise
+        self.commit(version)
+
+    def write_table(self, table: str, data: pa.Table) -> TableVersion:
+        """Write a small Arrow table as one committed version (for summaries and stats)."""
+        with self.writing(table) as version:
+            with self.fs.open(version.part(0), "wb") as f:
+                pq.write_table(data, f, compression="zstd")
+        return version
+
+    def read_table(self, table: str) -> pa.Table:
+        """Read a (small) committed table whole. Big tables are read through DuckDB."""
+        version = self.require(table)
+        files = sorted(self.fs.glob(posixpath.join(version.path, "*.parquet")))
+        return pa.concat_tables(
+            [pq.read_table(f, filesystem=self.fs if self.remote else None) for f in files]
+        )

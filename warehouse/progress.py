@@ -1,0 +1,47 @@
+"""Progress lines (count, rate, ETA) for long loops, through any logger (Dagster's included)."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+
+class _Logger(Protocol):
+    def info(self, msg: str, *args: object) -> None: ...
+
+
+class Progress:
+    """Logs ``label: done/total (pct), rate/s, ETA`` at most every ``every_s`` seconds."""
+
+    def __init__(self, label: str, total: int | None, log: _Logger, every_s: float = 5.0) -> None:
+        self.label = label
+        self.total = total
+        self.log = log
+        self.every_s = every_s
+        self.count = 0
+        self.started = time.monotonic()
+        self._last = self.started
+
+    def advance(self, n: int) -> None:
+        self.count += n
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self.log.info(self.line(now))
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = max((now or time.monotonic()) - self.started, 1e-9)
+        rate = self.count / elapsed
+        if self.total:
+            pct = 100.0 * self.count / self.total
+            eta = (self.total - self.count) / rate if rate > 0 else float("inf")
+            return (
+                f"{self.label}: {self.count:,}/{self.total:,} ({pct:.0f}%), "
+                f"{rate:,.0f}/s, ETA {eta:,.0f}s"
+            )
+        return f"{self.label}: {self.count:,}, {rate:,.0f}/s"
+
+    def done(self) -> None:
+        elapsed = time.monotonic() - self.started
+        rate = self.count / elapsed if elapsed > 0 else 0.0
+        self.log.info(f"{self.label}: done, {self.count:,} in {elapsed:,.1f}s ({rate:,.0f}/s)")
