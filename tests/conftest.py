@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +28,15 @@ class WarehouseRun:
     con: duckdb.DuckDBPyConnection
     reports: dict[str, StepReport]
 
-    def rows(self, table: str, sql: str = "SELECT *") -> list[tuple]:
-        return self.con.execute(
-            f"{sql} FROM read_parquet('{self.lake.glob(table)}')"
-        ).fetchall()
+    def q(self, sql: str) -> list[tuple]:
+        """Run ``sql`` where ``{table}`` stands for that lake table's committed Parquet."""
+        resolved = re.sub(
+            r"\{([a-z_/]+)\}", lambda m: f"read_parquet('{self.lake.glob(m.group(1))}')", sql
+        )
+        return self.con.execute(resolved).fetchall()
+
+    def rows(self, table: str, select: str = "SELECT *") -> list[tuple]:
+        return self.q(f"{select} FROM {{{table}}}")
 
 
 def run_warehouse(release: Path, lake_root: Path, cfg: CleanConfig | None = None) -> WarehouseRun:

@@ -201,9 +201,9 @@ def _coerce_string(arr: pa.Array, column: str, errors: RowErrors) -> pa.Array:
 
 def _coerce_timestamp_text(arr: pa.Array, column: str, errors: RowErrors) -> pa.Array:
     if pa.types.is_timestamp(arr.type):
-        if arr.type.tz is not None:
-            arr = arr.cast(pa.timestamp(arr.type.unit))  # UTC wall time
-        return pc.strftime(arr, format="%Y-%m-%d %H:%M:%S")
+        # UTC wall time, whole seconds (the release's text has no fraction)
+        seconds = arr.cast(pa.timestamp(arr.type.unit)).cast(pa.timestamp("s"), safe=False)
+        return pc.strftime(seconds, format="%Y-%m-%d %H:%M:%S")
     if pa.types.is_date(arr.type):
         return pc.strftime(arr.cast(pa.timestamp("s")), format="%Y-%m-%d %H:%M:%S")
     return _coerce_string(arr, column, errors)

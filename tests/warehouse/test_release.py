@@ -1,0 +1,145 @@
+"""Release ingest: schema validation, type tolerance and every bad file / bad row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.factory import image_row, model_row, to_table, write_release
+from warehouse.lake import Lake
+from warehouse.release import ReleaseFormatError, discover, land_release_table
+from warehouse.schema import IMAGES, MODELS
+
+
+def land(tmp_path, table=IMAGES):
+    lake = Lake(str(tmp_path / "lake"))
+    files = discover(str(tmp_path / "release"), table)
+    report = land_release_table(lake, f"raw/{table.name}", files, table)
+    return lake, report, lake.read_table(f"raw/{table.name}")
+
+
+def write_images(tmp_path, table: pa.Table, name="part-0.parquet"):
+    folder = tmp_path / "release" / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, folder / name)
+    return folder / name
+
+
+def test_discover_layouts(tmp_path):
+    write_release(tmp_path / "a", [image_row(1)], [model_row(1)])
+    assert [p.split("/")[-2] for p in discover(str(tmp_path / "a"), IMAGES)] == ["images"]
+    (tmp_path / "b").mkdir()
+    pq.write_table(to_table([model_row(1)], MODELS), tmp_path / "b" / "models.parquet")
+    assert discover(str(tmp_path / "b"), MODELS)[0].endswith("models.parquet")
+    hf = tmp_path / "c" / "ImageGem-images" / "data"
+    hf.mkdir(parents=True)
+    pq.write_table(to_table([image_row(1)], IMAGES), hf / "train-00000-of-00001.parquet")
+    assert len(discover(str(tmp_path / "c"), IMAGES)) == 1
+    with pytest.raises(ReleaseFormatError, match="no parquet files for table 'images'"):
+        discover(str(tmp_path / "b"), IMAGES)
+    with pytest.raises(ReleaseFormatError, match="does not exist"):
+        discover(str(tmp_path / "nope"), IMAGES)
+
+
+def test_several_shards_land_with_lineage(tmp_path):
+    write_images(tmp_path, to_table([image_row(1), image_row(2)], IMAGES), "part-0.parquet")
+    write_images(tmp_path, to_table([image_row(3)], IMAGES), "part-1.parquet")
+    _, report, landed = land(tmp_path)
+    assert report.rows == 3 == landed.num_rows
+    assert landed.column("_source_row").to_pylist() == [0, 1, 0]
+    assert sorted(set(landed.column("_source_file").to_pylist())) == sorted(report.files)
+    assert landed.column("_ingest_error").null_count == 3
+
+
+def test_pandas_round_trip_types_are_accepted(tmp_path):
+    """Nullable ints as float64 with NaN, int32 ids, timestamps as timestamp, large strings."""
+    good = to_table([image_row(1), image_row(2, seed=None, steps=None)], IMAGES)
+    cols = {}
+    for f in good.schema:
+        col = good.column(f.name)
+        if f.name in ("seed", "steps", "clipSkip", "likeCount"):
+            col = col.cast(pa.float64())
+        elif f.name in ("imageId", "modelVersionId"):
+            col = col.cast(pa.int32())
+        elif f.name == "createdAt":
+            col = pa.array(np.array(["2023-06-01T12:00:00", "2023-06-02T00:00:00"], dtype="datetime64[us]"))
+        elif f.name == "prompt":
+            col = col.cast(pa.large_string())
+        cols[f.name] = col
+    write_images(tmp_path, pa.table(cols))
+    _, report, landed = land(tmp_path)
+    assert landed.schema.field("seed").type == pa.int64()
+    assert landed.column("seed").to_pylist() == [1234, None]
+    assert landed.column("steps").to_pylist() == [30, None]
+    assert landed.column("createdAt").to_pylist() == ["2023-06-01 12:00:00", "2023-06-02 00:00:00"]
+    assert report.row_errors == {}
+
+
+def test_fractional_value_in_integer_column_is_a_row_error(tmp_path):
+    t = to_table([image_row(1), image_row(2)], IMAGES)
+    t = t.set_column(t.schema.get_field_index("steps"), "steps", pa.array([30.0, 30.5]))
+    write_images(tmp_path, t)
+    _, report, landed = land(tmp_path)
+    assert landed.column("_ingest_error").to_pylist() == [None, "non-integer value in integer column steps"]
+    assert report.row_errors == {"non-integer value in integer column steps": 1}
+
+
+def test_invalid_utf8_is_a_row_error_not_a_crash(tmp_path):
+    t = to_table([image_row(1), image_row(2)], IMAGES)
+    prompts = pa.array([b"fine prompt", b"bad \xff\xfe bytes"], type=pa.binary())
+    t = t.set_column(t.schema.get_field_index("prompt"), "prompt", prompts)
+    write_images(tmp_path, t)
+    _, report, landed = land(tmp_path)
+    assert landed.column("_ingest_error").to_pylist() == [None, "invalid UTF-8 in column prompt"]
+    assert landed.column("prompt").to_pylist()[1] == "bad \\xff\\xfe bytes"  # kept, escaped
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda t: t.drop_columns(["prompt"]), "missing column\\(s\\) prompt"),
+        (lambda t: t.rename_columns(["Prompt" if c == "prompt" else c for c in t.column_names]),
+         "missing column\\(s\\) prompt.*unexpected columns present: Prompt"),
+        (lambda t: t.set_column(t.schema.get_field_index("width"), "width", pa.array(["512"])),
+         "column 'width' has type string, expected int"),
+        (lambda t: t.set_column(t.schema.get_field_index("prompt"), "prompt", pa.array([1])),
+         "column 'prompt' has type int64, expected string"),
+    ],
+)
+def test_file_level_schema_errors_name_file_and_column(tmp_path, mutate, message):
+    path = write_images(tmp_path, mutate(to_table([image_row(1)], IMAGES)))
+    with pytest.raises(ReleaseFormatError, match=message) as info:
+        land(tmp_path)
+    assert str(path) in str(info.value)
+
+
+def test_bad_shard_fails_before_anything_is_committed(tmp_path):
+    write_images(tmp_path, to_table([image_row(1)], IMAGES), "part-0.parquet")
+    write_images(tmp_path, to_table([image_row(2)], IMAGES).drop_columns(["seed"]), "part-1.parquet")
+    with pytest.raises(ReleaseFormatError, match="part-1.parquet: missing column"):
+        land(tmp_path)
+    assert Lake(str(tmp_path / "lake")).current("raw/images") is None
+
+
+def test_empty_file(tmp_path):
+    folder = tmp_path / "release" / "images"
+    folder.mkdir(parents=True)
+    (folder / "part-0.parquet").write_bytes(b"")
+    with pytest.raises(ReleaseFormatError, match="file is empty \\(0 bytes\\)"):
+        land(tmp_path)
+
+
+def test_truncated_file(tmp_path):
+    path = write_images(tmp_path, to_table([image_row(i) for i in range(50)], IMAGES))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ReleaseFormatError, match="not a readable parquet file"):
+        land(tmp_path)
+
+
+def test_zero_row_file_is_fine(tmp_path):
+    write_images(tmp_path, to_table([], IMAGES))
+    _, report, landed = land(tmp_path)
+    assert report.rows == 0 == landed.num_rows
