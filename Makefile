@@ -22,7 +22,7 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 
 ## demo: generate the embedded sample, materialize every asset, print example SQL answers
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster job execute -m pipelines.definitions -j imagegem_all
+	$(BIN)/dagster asset materialize -m pipelines.definitions --select '*'
 	$(BIN)/imagegem tour
 
 ## test: the whole test suite (CI runs this)

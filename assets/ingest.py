@@ -1,7 +1,5 @@
 """Ingest group: the release files of the configured source, landed verbatim-but-typed."""
 
-from __future__ import annotations
-
 import time
 
 import dagster as dg
@@ -14,7 +12,6 @@ from warehouse.release import ReleaseFormatError, describe_size, discover, land_
 from warehouse.schema import RELEASE_TABLES
 
 GROUP = "ingest"
-
 
 @dg.asset(group_name=GROUP, kinds={"parquet", "python"})
 def release_files(context: dg.AssetExecutionContext, imagegem: ImageGemSettings) -> dg.MaterializeResult:
@@ -43,7 +40,6 @@ def release_files(context: dg.AssetExecutionContext, imagegem: ImageGemSettings)
             "files": dg.MetadataValue.md(markdown_table(["table", "files", "rows", "size"], rows)),
         }
     )
-
 
 def _landing_asset(table_name: str) -> dg.AssetsDefinition:
     table = RELEASE_TABLES[table_name]
@@ -93,7 +89,6 @@ def _landing_asset(table_name: str) -> dg.AssetsDefinition:
         )
 
     return landing
-
 
 raw_images = _landing_asset("images")
 raw_models = _landing_asset("models")

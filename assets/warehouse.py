@@ -1,7 +1,5 @@
 """Warehouse group: clean release-shaped tables, normalised tables, quarantine, stats, catalog."""
 
-from __future__ import annotations
-
 import dagster as dg
 import pyarrow.parquet as pq
 
@@ -19,10 +17,8 @@ from warehouse.tables import DERIVED, build_derived, duplicate_keys
 
 GROUP = "warehouse"
 
-
 def _read(lake: Lake, table: str) -> str:
     return f"read_parquet({quote(lake.glob(table))})"
-
 
 def _schema_check(lake: Lake, spec_table: ReleaseTable, name: str) -> dg.AssetCheckResult:
     version = lake.require(name)
@@ -44,7 +40,6 @@ def _schema_check(lake: Lake, spec_table: ReleaseTable, name: str) -> dg.AssetCh
         },
     )
 
-
 def _reconciliation_check(con, lake: Lake, spec: CleanSpec, report: StepReport) -> dg.AssetCheckResult:
     rows_in, rows_out, quarantined = reconcile(con, lake, spec)
     return dg.AssetCheckResult(
@@ -58,7 +53,6 @@ def _reconciliation_check(con, lake: Lake, spec: CleanSpec, report: StepReport) 
         },
     )
 
-
 def _unique_key_check(con, lake: Lake, name: str, key: tuple[str, ...]) -> dg.AssetCheckResult:
     dupes = duplicate_keys(con, lake, name, key)
     return dg.AssetCheckResult(
@@ -67,9 +61,7 @@ def _unique_key_check(con, lake: Lake, name: str, key: tuple[str, ...]) -> dg.As
         metadata={"key": ", ".join(key), "duplicated_keys": dupes},
     )
 
-
 CLEAN_CHECKS = ("schema", "reconciliation", "unique_key", "safety_filter_applied")
-
 
 def _clean_asset(table: ReleaseTable, raw: dg.AssetsDefinition, spec_for) -> dg.AssetsDefinition:
     @dg.asset(
@@ -115,7 +107,6 @@ def _clean_asset(table: ReleaseTable, raw: dg.AssetsDefinition, spec_for) -> dg.
 
     return clean
 
-
 def _safety_check(con, lake: Lake, table: ReleaseTable, cfg, report: StepReport) -> dg.AssetCheckResult:
     src = _read(lake, table.name)
     if table is IMAGES:
@@ -141,11 +132,9 @@ def _safety_check(con, lake: Lake, table: ReleaseTable, cfg, report: StepReport)
         },
     )
 
-
 models = _clean_asset(MODELS, raw_models, models_spec)
 images = _clean_asset(IMAGES, raw_images, images_spec)
 CLEAN_ASSETS = {"images": images, "models": models}
-
 
 def _derived_asset(name: str) -> dg.AssetsDefinition:
     table = DERIVED[name]
@@ -174,9 +163,7 @@ def _derived_asset(name: str) -> dg.AssetsDefinition:
 
     return derived
 
-
 derived_assets = [_derived_asset(n) for n in DERIVED]
-
 
 @dg.asset(
     group_name=GROUP,
@@ -218,7 +205,6 @@ def quarantine(context: dg.AssetExecutionContext, imagegem: ImageGemSettings) ->
         ],
     )
 
-
 @dg.asset(group_name=GROUP, deps=[images, models, quarantine], kinds={"duckdb"})
 def table1_stats(context: dg.AssetExecutionContext, imagegem: ImageGemSettings) -> dg.MaterializeResult:
     """The paper's Table 1 — raw vs safety-filtered images, unique prompts, LoRAs, unique tags,
@@ -234,7 +220,6 @@ def table1_stats(context: dg.AssetExecutionContext, imagegem: ImageGemSettings) 
             **{f"ratio/{k}": round(v, 4) for k, v in stats.ratios().items()},
         }
     )
-
 
 @dg.asset(
     group_name=GROUP,
@@ -265,7 +250,6 @@ def warehouse_catalog(context: dg.AssetExecutionContext, imagegem: ImageGemSetti
         }
     )
 
-
 @dg.asset_check(asset=warehouse_catalog, description="No raw username in any table: every userHash is 64 lowercase hex.")
 def no_raw_usernames(imagegem: ImageGemSettings) -> dg.AssetCheckResult:
     con = connect_readonly(imagegem.catalog_path())
@@ -284,7 +268,6 @@ def no_raw_usernames(imagegem: ImageGemSettings) -> dg.AssetCheckResult:
         passed=not bad,
         metadata={"tables_checked": len(offenders), "offending_rows": dg.MetadataValue.json(bad)},
     )
-
 
 ALL_ASSETS = [images, models, *derived_assets, quarantine, table1_stats, warehouse_catalog]
 ALL_CHECKS = [no_raw_usernames]

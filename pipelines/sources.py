@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipelines.resources import ImageGemSettings
-from pipelines.sample.generator import SampleSpec, generate_sample, read_manifest
+from pipelines.sample.generator import SampleSpec, generate_sample, sample_is_current
 from warehouse.release import discover, open_parquet, open_release_fs, validate_schema
 from warehouse.schema import RELEASE_TABLES
 
@@ -34,8 +33,7 @@ class ReleaseListing:
 
 def ensure_sample(out: str, spec: SampleSpec, log: logging.Logger) -> bool:
     """Generate the sample into ``out`` unless the same spec is already there. True if generated."""
-    manifest = read_manifest(Path(out))
-    if manifest is not None and manifest.get("spec") == dataclasses.asdict(spec):
+    if sample_is_current(Path(out), spec):
         log.info(f"sample with the same spec already at {out}; reusing it")
         return False
     log.info(f"generating the sample ({spec}) into {out}")

@@ -236,16 +236,17 @@ def user_hash_sql(column: str, salt_param: str = "$salt") -> str:
 
 
 def _typed_select(table: ReleaseTable) -> str:
+    """The raw row in clean types; userHash through the small ``_users`` lookup."""
     parts = []
     for column, kind in table.columns:
         name = f'"{column}"'
         if kind is Kind.TIMESTAMP_TEXT:
             parts.append(f"{_ts(name)} AS {name}")
-            parts.append(f"{name} AS \"_raw_{column}\"")
+            parts.append(f'{name} AS "_raw_{column}"')
         elif column == "userHash":
-            parts.append(f"{user_hash_sql(name)} AS {name}")
+            parts.append("_users.hashed AS \"userHash\"")
         else:
-            parts.append(name)
+            parts.append(f"_raw.{name}")
     parts += [SOURCE_FILE, SOURCE_ROW, INGEST_ERROR]
     return ", ".join(parts)
 
@@ -262,23 +263,91 @@ def _first_rule(rules: Sequence[Rule], value: str) -> str:
 def _score_texts(
     con: duckdb.DuckDBPyConnection, spec: CleanSpec, scorer: ToxicityScorer
 ) -> None:
-    """Temp table _tox(_text, _toxicity) over the distinct texts of the raw landing."""
-    distinct = f"SELECT DISTINCT {spec.toxicity_text} AS _text FROM _raw WHERE {spec.toxicity_text} IS NOT NULL"
+    """Temp table _tox(_text, _toxicity) of the distinct raw texts that score above zero."""
+    text = spec.toxicity_text
+    distinct = f"SELECT DISTINCT {text} AS _text FROM _raw WHERE {text} IS NOT NULL"
     if isinstance(scorer, LexiconScorer):
         scorer.install(con)
         con.execute(
-            f"CREATE OR REPLACE TEMP TABLE _tox AS SELECT _text, toxicity(_text) AS _toxicity FROM ({distinct})"
+            "CREATE OR REPLACE TEMP TABLE _tox AS SELECT _text, toxicity(_text) AS _toxicity "
+            f"FROM ({distinct}) WHERE {scorer.prefilter_sql('_text')} AND toxicity(_text) > 0"
         )
         return
     con.execute("CREATE OR REPLACE TEMP TABLE _tox (_text VARCHAR, _toxicity DOUBLE)")
     reader = con.execute(distinct).fetch_record_batch(50_000)
     for batch in reader:
         texts = batch.column(0).to_pylist()
-        scores = scorer.score(texts)
-        chunk = pa.table({"_text": texts, "_toxicity": pa.array(scores, pa.float64())})
+        chunk = pa.table({"_text": texts, "_toxicity": pa.array(scorer.score(texts), pa.float64())})
         con.register("_tox_chunk", chunk)
-        con.execute("INSERT INTO _tox SELECT * FROM _tox_chunk")
+        con.execute("INSERT INTO _tox SELECT * FROM _tox_chunk WHERE _toxicity > 0")
         con.unregister("_tox_chunk")
+
+
+def _create_stage(con: duckdb.DuckDBPyConnection, spec: CleanSpec, scorer_name: str) -> None:
+    """The view ``_stage``: every raw row with its fate (``_status``, ``_reason``, ``_detail``).
+
+    Window functions (exact copies, key conflicts) run once, only on the rows whose key
+    occurs more than once (``_dupkeys``), into the small table ``_ranked_dups``; every other
+    row streams through the view without a sort.
+    """
+    table = spec.table
+    key = ", ".join(f'"{k}"' for k in table.key)
+    key_match = " AND ".join(f'_dupkeys._k{i} = typed."{k}"' for i, k in enumerate(table.key))
+    content = ", ".join(f'"{c}"' for c in table.column_names)
+    ingest_rule = Rule("ingest error", f"{INGEST_ERROR} IS NOT NULL", "NULL", INGEST_ERROR)
+    rules = (ingest_rule, *spec.rules)
+    safety_reason = _first_rule(spec.safety_rules, "reason")
+    safety_detail = _first_rule(spec.safety_rules, "detail")
+    con.execute(f"""
+    CREATE OR REPLACE TEMP VIEW _checked AS
+    WITH typed AS (
+        SELECT {_typed_select(table)}
+        FROM _raw LEFT JOIN _users ON _users.raw = _raw."userHash"
+    )
+    SELECT typed.*, {_first_rule(rules, "reason")} AS _rule_reason,
+           {_first_rule(rules, "detail")} AS _rule_detail,
+           _dupkeys._k0 IS NOT NULL AS _dupkey
+    FROM typed LEFT JOIN _dupkeys ON {key_match}
+    """)
+    con.execute(f"""
+    CREATE OR REPLACE TEMP TABLE _ranked_dups AS
+    SELECT * EXCLUDE (_dupkey, _copy), _copy, row_number() OVER (
+               PARTITION BY {key}, _copy = 1 ORDER BY {SOURCE_FILE} DESC, {SOURCE_ROW} DESC
+           ) AS _keyrank
+    FROM (
+        SELECT *, row_number() OVER (
+                   PARTITION BY {key}, hash({content}) ORDER BY {SOURCE_FILE}, {SOURCE_ROW}
+               ) AS _copy
+        FROM _checked WHERE _dupkey AND _rule_reason IS NULL
+    )
+    """)
+    con.execute(f"""
+    CREATE OR REPLACE TEMP VIEW _stage AS
+    WITH ranked AS (
+        SELECT * EXCLUDE (_dupkey), 1 AS _copy, 1 AS _keyrank
+        FROM _checked WHERE NOT _dupkey OR _rule_reason IS NOT NULL
+        UNION ALL BY NAME
+        SELECT * FROM _ranked_dups
+    ),
+    scored AS (
+        SELECT ranked.*, coalesce(_tox._toxicity, 0.0) AS _toxicity, {quote(scorer_name)} AS _scorer
+        FROM ranked LEFT JOIN _tox ON _tox._text = ({spec.toxicity_text})
+    )
+    SELECT * EXCLUDE (_rule_reason, _rule_detail, _copy, _keyrank),
+        CASE WHEN _rule_reason IS NOT NULL THEN 'quarantined'
+             WHEN _copy > 1 THEN 'duplicate'
+             WHEN _keyrank > 1 THEN 'quarantined'
+             WHEN ({safety_reason}) IS NOT NULL THEN 'quarantined'
+             ELSE 'kept' END AS _status,
+        CASE WHEN _rule_reason IS NOT NULL THEN _rule_reason
+             WHEN _copy > 1 THEN 'exact duplicate'
+             WHEN _keyrank > 1 THEN 'conflicting duplicate key'
+             ELSE {safety_reason} END AS _reason,
+        CASE WHEN _rule_reason IS NOT NULL THEN _rule_detail
+             WHEN _copy > 1 OR _keyrank > 1 THEN NULL
+             ELSE {safety_detail} END AS _detail
+    FROM scored
+    """)
 
 
 def clean_release_table(
@@ -289,89 +358,59 @@ def clean_release_table(
     scorer: ToxicityScorer,
     log: logging.Logger | None = None,
 ) -> StepReport:
-    """Clean one release table from its raw landing into the lake (table + quarantine)."""
+    """Clean one release table from its raw landing into the lake (table + quarantine).
+
+    Small lookup tables are built first (hashed users, texts with a toxicity above zero,
+    keys that occur more than once); then the clean rows and the quarantine rows are each
+    written in one streaming pass over the raw landing through the ``_stage`` view.
+    """
     log = log or logging.getLogger(__name__)
     table = spec.table
-    con.execute(
-        f"CREATE OR REPLACE TEMP VIEW _raw AS SELECT * FROM read_parquet({quote(lake.glob(spec.raw))})"
-    )
-    log.info(f"{spec.step}: scoring distinct texts with {scorer.name}")
+    raw_files = lake.glob(spec.raw)
+    con.execute(f"CREATE OR REPLACE TEMP VIEW _raw AS SELECT * FROM read_parquet({quote(raw_files)})")
+    rows_in = con.execute("SELECT count(*) FROM _raw").fetchone()[0]
+    log.info(f"{spec.step}: {rows_in:,} raw rows; scoring distinct texts with {scorer.name}")
     _score_texts(con, spec, scorer)
-
-    key = ", ".join(f'"{k}"' for k in table.key)
-    content = ", ".join(f'"{c}"' for c in table.column_names)
-    ingest_rule = Rule("ingest error", f"{INGEST_ERROR} IS NOT NULL", "NULL", INGEST_ERROR)
-    rules = (ingest_rule, *spec.rules)
-    reason_sql = _first_rule(rules, "reason")
-    log.info(f"{spec.step}: staging rows (rules, duplicates, safety)")
     con.execute(
-        f"""
-        CREATE OR REPLACE TEMP TABLE _stage AS
-        WITH typed AS (SELECT {_typed_select(table)} FROM _raw),
-        checked AS (
-            SELECT t.*, {reason_sql} AS _rule_reason, {_first_rule(rules, 'detail')} AS _rule_detail
-            FROM typed t
-        ),
-        copies AS (
-            SELECT *, CASE WHEN _rule_reason IS NULL THEN row_number() OVER (
-                PARTITION BY _rule_reason IS NULL, {key}, hash({content})
-                ORDER BY {SOURCE_FILE}, {SOURCE_ROW}) ELSE 1 END AS _copy
-            FROM checked
-        ),
-        keyed AS (
-            SELECT *, CASE WHEN _rule_reason IS NULL AND _copy = 1 THEN row_number() OVER (
-                PARTITION BY _rule_reason IS NULL AND _copy = 1, {key}
-                ORDER BY {SOURCE_FILE} DESC, {SOURCE_ROW} DESC) ELSE 1 END AS _keyrank
-            FROM copies
-        ),
-        scored AS (
-            SELECT k.*, coalesce(x._toxicity, 0.0) AS _toxicity, $scorer AS _scorer
-            FROM keyed k LEFT JOIN _tox x ON x._text = ({spec.toxicity_text})
-        )
-        SELECT * EXCLUDE (_rule_reason, _rule_detail, _copy, _keyrank),
-            CASE WHEN _rule_reason IS NOT NULL THEN 'quarantined'
-                 WHEN _copy > 1 THEN 'duplicate'
-                 WHEN _keyrank > 1 THEN 'quarantined'
-                 WHEN ({_first_rule(spec.safety_rules, 'reason')}) IS NOT NULL THEN 'quarantined'
-                 ELSE 'kept' END AS _status,
-            CASE WHEN _rule_reason IS NOT NULL THEN _rule_reason
-                 WHEN _copy > 1 THEN 'exact duplicate'
-                 WHEN _keyrank > 1 THEN 'conflicting duplicate key'
-                 ELSE {_first_rule(spec.safety_rules, 'reason')} END AS _reason,
-            CASE WHEN _rule_reason IS NOT NULL THEN _rule_detail
-                 WHEN _copy > 1 OR _keyrank > 1 THEN NULL
-                 ELSE {_first_rule(spec.safety_rules, 'detail')} END AS _detail
-        FROM scored
-        """,
-        {"salt": cfg.user_salt, "scorer": scorer.name},
+        "CREATE OR REPLACE TEMP TABLE _users AS SELECT raw, "
+        f"{user_hash_sql('raw')} AS hashed FROM (SELECT DISTINCT \"userHash\" AS raw FROM _raw)",
+        {"salt": cfg.user_salt},
     )
-    report = StepReport(step=spec.step, table=table.name, scorer=scorer.name)
-    report.max_kept_toxicity = con.execute(
-        "SELECT coalesce(max(_toxicity), 0) FROM _stage WHERE _status = 'kept'"
-    ).fetchone()[0]
-    for status, reason, n in con.execute(
-        "SELECT _status, _reason, count(*) FROM _stage GROUP BY ALL"
-    ).fetchall():
-        report.rows_in += n
-        if status == "kept":
-            report.rows_out += n
-        elif status == "duplicate":
-            report.duplicates += n
-        else:
-            report.quarantined += n
-        if reason is not None:
-            report.reasons[reason] = report.reasons.get(reason, 0) + n
+    keys = ", ".join(f'"{k}" AS _k{i}' for i, k in enumerate(table.key))
+    not_null = " AND ".join(f'"{k}" IS NOT NULL' for k in table.key)
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE _dupkeys AS SELECT {keys} FROM _raw "
+        f"WHERE {not_null} GROUP BY ALL HAVING count(*) > 1"
+    )
+    _create_stage(con, spec, scorer.name)
 
-    log.info(f"{spec.step}: writing {report.rows_out:,} clean rows")
+    log.info(f"{spec.step}: writing clean rows")
+    content = ", ".join(f'"{c}"' for c in table.column_names)
     with lake.writing(spec.out) as version:
-        copy_to_parquet(
-            con,
-            f"SELECT {content} FROM _stage WHERE _status = 'kept' ORDER BY {key}",
-            version.part(0),
-        )
-        report.version = version.name
+        copy_to_parquet(con, f"SELECT {content} FROM _stage WHERE _status = 'kept'", version.part(0))
+    log.info(f"{spec.step}: writing quarantine rows")
     write_quarantine(con, lake, spec, cfg)
-    con.execute("DROP TABLE _stage; DROP TABLE _tox; DROP VIEW _raw")
+
+    report = StepReport(step=spec.step, table=table.name, scorer=scorer.name, version=version.name)
+    report.rows_in = rows_in
+    report.rows_out = con.execute(f"SELECT count(*) FROM read_parquet({quote(lake.glob(spec.out))})").fetchone()[0]
+    report.max_kept_toxicity = con.execute(
+        f"SELECT coalesce(max(_toxicity), 0) FROM _tox WHERE _text IN "
+        f"(SELECT {spec.toxicity_text} FROM read_parquet({quote(lake.glob(spec.out))}))"
+    ).fetchone()[0]
+    for reason, n in con.execute(
+        f"SELECT reason, count(*) FROM read_parquet({quote(lake.glob(spec.quarantine))}) GROUP BY ALL"
+    ).fetchall():
+        report.reasons[reason] = n
+        report.quarantined += n
+    # Exact copies can only be among rows whose key repeats: counted where they were ranked.
+    report.duplicates = con.execute("SELECT count(*) FROM _ranked_dups WHERE _copy > 1").fetchone()[0]
+    if report.duplicates:
+        report.reasons["exact duplicate"] = report.duplicates
+    con.execute(
+        "DROP VIEW _stage; DROP TABLE _ranked_dups; DROP VIEW _checked; DROP TABLE _tox; "
+        "DROP TABLE _users; DROP TABLE _dupkeys; DROP VIEW _raw"
+    )
     return report
 
 
@@ -400,7 +439,7 @@ def write_quarantine(
                 {SOURCE_FILE} AS source_file, {SOURCE_ROW} AS source_row,
                 to_json(struct_pack({", ".join(fields)})) AS payload,
                 TIMESTAMP {quote(now)} AS quarantined_at
-            FROM _stage WHERE _status = 'quarantined' ORDER BY source_file, source_row""",
+            FROM _stage WHERE _status = 'quarantined'""",
             version.part(0),
         )
 

@@ -79,6 +79,12 @@ class LexiconScorer:
             f"lambda t: 1.0 - map_extract_value(MAP {{{weights}}}, t)), 'product'), 1.0) END"
         )
 
+    def prefilter_sql(self, column: str) -> str:
+        """A cheap case-insensitive match of any term (no lower() copy), before scoring."""
+        alternation = "|".join(re.escape(t) for t in sorted(self.terms, key=len, reverse=True))
+        pattern = quote(rf"(?i)\b({alternation})\b")
+        return f"regexp_matches({column}, {pattern})"
+
     def install(self, con: duckdb.DuckDBPyConnection) -> None:
         con.execute(self.macro_sql())
 

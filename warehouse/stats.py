@@ -64,10 +64,15 @@ class Table1:
 
     def to_arrow(self) -> pa.Table:
         names = list(self.rows["raw"])
-        return pa.table(
-            {"stage": list(self.rows)}
-            | {n: [float(self.rows[s][n]) for s in self.rows] for n in names}
-        )
+        columns: dict[str, pa.Array] = {"stage": pa.array(list(self.rows))}
+        for n in names:
+            values = [self.rows[s][n] for s in self.rows]
+            columns[n] = (
+                pa.array([int(v) for v in values], pa.int64())
+                if n in COUNT_COLUMNS
+                else pa.array([round(float(v), 2) for v in values], pa.float64())
+            )
+        return pa.table(columns)
 
     def markdown(self) -> str:
         names = list(self.rows["raw"])

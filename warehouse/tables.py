@@ -82,45 +82,47 @@ def loras_sql(lake: Lake) -> str:
 
 
 def image_loras_sql(lake: Lake) -> str:
-    images = _src(lake, "images")
+    images, loras = _src(lake, "images"), _src(lake, "loras")
     return f"""
-    WITH rows AS (
-        SELECT imageId, modelVersionId, prompt,
-               count(*) OVER (PARTITION BY imageId) AS n_loras
-        FROM {images}
-    ), tags AS (
-        SELECT imageId, prompt,
-               unnest(lora_tag_names(prompt)) AS tag_name,
-               unnest(lora_tag_weights(prompt)) AS tag_weight
-        FROM (SELECT DISTINCT imageId, prompt FROM {images})
-    ), named AS (
-        SELECT r.imageId, r.modelVersionId, r.n_loras, l.lora_name
-        FROM rows r LEFT JOIN {_src(lake, "loras")} l USING (modelVersionId)
+    WITH per_image AS (SELECT imageId, count(*) AS n_loras FROM {images} GROUP BY imageId),
+    rows AS (
+        SELECT i.imageId, i.modelVersionId, l.lora_name,
+               list_position(list_transform(lora_tag_names(i.prompt), lambda t: lower(t)),
+                             lower(l.lora_name)) AS tag_index,
+               i.prompt
+        FROM {images} i LEFT JOIN {loras} l USING (modelVersionId)
     )
-    SELECT n.imageId, n.modelVersionId, n.n_loras, n.lora_name,
-           max(t.tag_weight) AS tag_weight, count(t.tag_name) > 0 AS tag_in_prompt
-    FROM named n LEFT JOIN tags t
-      ON t.imageId = n.imageId AND lower(t.tag_name) = lower(n.lora_name)
-    GROUP BY ALL
-    ORDER BY imageId, modelVersionId
+    SELECT r.imageId, r.modelVersionId, p.n_loras, r.lora_name,
+           CASE WHEN tag_index > 0 THEN lora_tag_weights(r.prompt)[tag_index] END AS tag_weight,
+           coalesce(tag_index > 0, false) AS tag_in_prompt
+    FROM rows r JOIN per_image p USING (imageId)
     """
 
 
 def prompts_sql(lake: Lake) -> str:
     images = _src(lake, "images")
+    # Aggregate per raw prompt first (an image has one prompt), normalise only distinct raw
+    # prompts, then fold raw variants into their normalised prompt.
     return f"""
-    WITH per_image AS (
-        SELECT DISTINCT imageId, userHash, createdAt, prompt, normalize_prompt(prompt) AS normalized
-        FROM {images}
+    WITH per_raw AS (
+        SELECT prompt, hash(prompt) AS h, count(DISTINCT imageId) AS n_images,
+               min(createdAt) AS first_seen_at, max(createdAt) AS last_seen_at
+        FROM {images} WHERE prompt IS NOT NULL GROUP BY prompt
+    ), normalized AS (
+        SELECT *, normalize_prompt(prompt) AS normalized FROM per_raw
+    ), users AS (
+        SELECT DISTINCT hash(prompt) AS h, userHash FROM {images} WHERE prompt IS NOT NULL
+    ), n_users AS (
+        SELECT n.normalized, count(DISTINCT u.userHash) AS n_users
+        FROM users u JOIN normalized n USING (h) GROUP BY n.normalized
     )
     SELECT prompt_id(normalized) AS prompt_id, normalized AS prompt,
-           count(DISTINCT imageId) AS n_images, count(DISTINCT userHash) AS n_users,
-           count(DISTINCT prompt) AS n_raw_variants,
-           min(createdAt) AS first_seen_at, max(createdAt) AS last_seen_at,
-           any_value(prompt) AS example_raw_prompt
-    FROM per_image WHERE normalized IS NOT NULL
+           sum(n_images)::BIGINT AS n_images, any_value(u.n_users) AS n_users,
+           count(*) AS n_raw_variants, min(first_seen_at) AS first_seen_at,
+           max(last_seen_at) AS last_seen_at, min(prompt) AS example_raw_prompt
+    FROM normalized n JOIN n_users u USING (normalized)
+    WHERE normalized IS NOT NULL
     GROUP BY normalized
-    ORDER BY prompt_id
     """
 
 
@@ -136,7 +138,6 @@ def interactions_sql(lake: Lake) -> str:
     UNION ALL
     SELECT userHash, 'lora', modelVersionId, 'uploaded', 1, min(publishedAt), min(publishedAt)
     FROM {models} GROUP BY ALL
-    ORDER BY userHash, item_kind, item_id, kind
     """
 
 

@@ -12,14 +12,16 @@ CREATE OR REPLACE MACRO lora_tag_weights(p) AS
     );
 
 -- The prompt as people mean it: tags removed, lower case, whitespace and commas tidied.
+-- Each regex only matches what needs rewriting (runs, not every single space or comma):
+-- rewriting every match is 3-5x slower on millions of prompts.
 CREATE OR REPLACE MACRO normalize_prompt(p) AS
     nullif(
         trim(
             regexp_replace(
                 regexp_replace(
-                    regexp_replace(lower(regexp_replace(p, '<lora:[^>]*>', ' ', 'g')), '\s+', ' ', 'g'),
-                    '\s*,(\s*,)+\s*', ', ', 'g'),
-                '\s+,', ',', 'g'),
+                    lower(regexp_replace(p, '<lora:[^>]*>', '', 'g')),
+                    '\s*,(\s*,)+\s*|\s+,\s*', ', ', 'g'),
+                '\s\s+|[\t\n\r\f\v]', ' ', 'g'),
             ' ,'),
         '');
 

@@ -1,0 +1,69 @@
+"""The lake and the release on S3 (a local moto server), through fsspec/s3fs."""
+
+from __future__ import annotations
+
+import socket
+
+import boto3
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+
+from tests.factory import image_row, model_row, to_table
+from warehouse.clean import CleanConfig, clean_release_table, images_spec, models_spec
+from warehouse.duck import connect
+from warehouse.lake import Lake
+from warehouse.release import discover, land_release_table
+from warehouse.safety import LexiconScorer
+from warehouse.schema import IMAGES, MODELS
+from warehouse.tables import build_derived
+
+KEY = {"key": "testing", "secret": "testing"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="testing",
+        aws_secret_access_key="testing", region_name="us-east-1",
+    ).create_bucket(Bucket="imagegem")
+    options = {**KEY, "client_kwargs": {"endpoint_url": endpoint}}
+    yield options
+    server.stop()
+
+
+def test_release_on_s3_lands_cleans_and_derives_into_an_s3_lake(s3):
+    fs = s3fs.S3FileSystem(**s3)
+    for name, rows, table in (
+        ("images", [image_row(i, 1 + i % 2) for i in range(1, 6)] + [image_row(9, width=-1)], IMAGES),
+        ("models", [model_row(1), model_row(2)], MODELS),
+    ):
+        with fs.open(f"imagegem/release/{name}/part-0.parquet", "wb") as f:
+            pq.write_table(to_table(rows, table), f)
+
+    files = discover("s3://imagegem/release", IMAGES, s3)
+    assert files == ["s3://imagegem/release/images/part-0.parquet"]
+    lake = Lake("s3://imagegem/lake", s3)
+    for table in (IMAGES, MODELS):
+        land_release_table(lake, f"raw/{table.name}", discover("s3://imagegem/release", table, s3), table, s3)
+    con = connect(lake)
+    cfg = CleanConfig(user_salt="s")
+    reports = [clean_release_table(con, lake, spec, cfg, LexiconScorer.bundled())
+               for spec in (models_spec(cfg), images_spec(cfg))]
+    assert [r.rows_out for r in reports] == [2, 5]
+    assert reports[1].reasons == {"non-positive width/height": 1}
+    assert build_derived(con, lake, "users") == 2
+    assert fs.exists(f"imagegem/lake/images/{lake.current('images').name}/part-00000.parquet")
+    assert con.execute(f"SELECT count(*) FROM read_parquet('{lake.glob('quarantine/images')}')").fetchone() == (1,)
