@@ -20,6 +20,9 @@ TARGET_SECONDS = 45.0
 TARGET_RSS_GIB = 4.0
 
 
+CORE = ["release_files", "raw_images", "raw_models", "images", "models", "quarantine", "warehouse_catalog"]
+
+
 def run_benchmark(work: Path, memory_limit: str = "2GB") -> int:
     from pipelines.sample.generator import SampleSpec, generate_sample, sample_is_current
 
@@ -37,46 +40,67 @@ def run_benchmark(work: Path, memory_limit: str = "2GB") -> int:
     home = work / "home"
     env = {**os.environ, "IMAGEGEM_HOME": str(home), "IMAGEGEM_SOURCE": "release",
            "IMAGEGEM_RELEASE_PATH": str(release), "IMAGEGEM_DUCKDB_MEMORY": memory_limit}
-    started = time.monotonic()
-    child = subprocess.run([sys.executable, "-m", "pipelines.bench"], env=env, capture_output=True, text=True)
-    wall = time.monotonic() - started
+    phases = {}
+    for phase in ("core", "rest"):
+        started = time.monotonic()
+        child = subprocess.run(
+            [sys.executable, "-m", "pipelines.bench", phase], env=env, capture_output=True, text=True
+        )
+        wall = time.monotonic() - started
+        if child.returncode != 0:
+            print(child.stdout, child.stderr, sep="\n")
+            return child.returncode
+        phases[phase] = (wall, json.loads(child.stdout.strip().splitlines()[-1]))
     peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
-    if child.returncode != 0:
-        print(child.stdout, child.stderr, sep="\n")
-        return child.returncode
-    result = json.loads(child.stdout.strip().splitlines()[-1])
-    rows = result["raw_image_rows"] + result["raw_model_rows"]
-    print("\nfull-scale ingest + clean + catalog (2 cores)")
-    for name, seconds in result["steps"].items():
-        print(f"  {name:<22} {seconds:7.1f} s")
-    print(f"  rows in      {rows:,} ({result['raw_image_rows']:,} image + {result['raw_model_rows']:,} model)")
-    print(f"  clean images {result['clean_image_rows']:,}   quarantined {result['quarantined']:,}")
-    print(f"  wall time    {wall:.1f} s (in-process materialize: {result['seconds']:.1f} s)  target ≤ {TARGET_SECONDS:.0f} s")
-    print(f"  throughput   {rows / wall:,.0f} rows/s")
-    print(f"  peak RSS     {peak_gib:.2f} GiB  target ≤ {TARGET_RSS_GIB:.0f} GiB")
-    ok = wall <= TARGET_SECONDS and peak_gib <= TARGET_RSS_GIB
-    print("  result       " + ("within targets" if ok else "OUTSIDE targets"))
+
+    core_wall, core = phases["core"]
+    rest_wall, rest = phases["rest"]
+    rows = core["raw_image_rows"] + core["raw_model_rows"]
+    print("\nfull-scale benchmark, 2 cores (DuckDB memory limit %s)" % memory_limit)
+    print("\n1. ingest + clean + catalog (the issue's measure)")
+    for name, seconds in core["steps"].items():
+        print(f"  {name:<40} {seconds:7.1f} s")
+    print(f"  rows in      {rows:,} ({core['raw_image_rows']:,} image + {core['raw_model_rows']:,} model rows)")
+    print(f"  clean images {core['clean_image_rows']:,}   quarantined {core['quarantined']:,}")
+    print(f"  wall time    {core_wall:.1f} s (process start to exit)   target ≤ {TARGET_SECONDS:.0f} s")
+    print(f"  throughput   {rows / core_wall:,.0f} rows/s")
+    print("\n2. the rest of the warehouse (users, loras, image_loras, prompts, interactions, Table 1, catalog)")
+    for name, seconds in rest["steps"].items():
+        print(f"  {name:<40} {seconds:7.1f} s")
+    print(f"  wall time    {rest_wall:.1f} s")
+    print(f"\npeak RSS (largest child)  {peak_gib:.2f} GiB   target ≤ {TARGET_RSS_GIB:.0f} GiB")
+    ok = core_wall <= TARGET_SECONDS and peak_gib <= TARGET_RSS_GIB
+    print("result: " + ("within targets" if ok else "OUTSIDE targets"))
     return 0
 
 
-def _child() -> None:
-    """Materialize the ingest and warehouse assets once, in-process; print a JSON summary."""
+def _child(phase: str) -> None:
+    """Materialize one phase of the warehouse in-process; print a JSON summary."""
     import dagster as dg
 
     from pipelines.definitions import defs
 
     logging.basicConfig(level=logging.WARNING)
-    steps: dict[str, float] = {}
     started = time.monotonic()
-    instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize([*defs.assets, *defs.asset_checks], resources=defs.resources, instance=instance)
+    every = [*defs.assets, *defs.asset_checks]
+    keys = [a.key for a in defs.assets if a.key.to_user_string() in CORE]
+    if phase == "rest":
+        keys = [a.key for a in defs.assets if a.key.to_user_string() not in CORE[:-1]]
+    result = dg.materialize(
+        every,
+        selection=dg.AssetSelection.assets(*keys),
+        resources=defs.resources,
+        instance=dg.DagsterInstance.ephemeral(),
+    )
     seconds = time.monotonic() - started
-    for event in result.all_events:
-        if event.event_type_value == "STEP_SUCCESS":
-            steps[event.step_key] = event.event_specific_data.duration_ms / 1000
+    steps = {
+        event.step_key: event.event_specific_data.duration_ms / 1000
+        for event in result.all_events
+        if event.event_type_value == "STEP_SUCCESS"
+    }
 
     def meta(key: str, name: str) -> int:
-        mats = result.asset_materializations_for_node(key)
+        mats = result.asset_materializations_for_node(key) if key in steps else []
         return int(mats[-1].metadata[name].value) if mats else -1
 
     print(json.dumps({
@@ -90,4 +114,4 @@ def _child() -> None:
 
 
 if __name__ == "__main__":
-    _child()
+    _child(sys.argv[1] if len(sys.argv) > 1 else "core")

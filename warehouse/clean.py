@@ -394,9 +394,11 @@ def clean_release_table(
     report = StepReport(step=spec.step, table=table.name, scorer=scorer.name, version=version.name)
     report.rows_in = rows_in
     report.rows_out = con.execute(f"SELECT count(*) FROM read_parquet({quote(lake.glob(spec.out))})").fetchone()[0]
+    # The highest toxicity among kept texts: a semi join of the clean rows with the (small)
+    # table of texts that scored above zero.
     report.max_kept_toxicity = con.execute(
-        f"SELECT coalesce(max(_toxicity), 0) FROM _tox WHERE _text IN "
-        f"(SELECT {spec.toxicity_text} FROM read_parquet({quote(lake.glob(spec.out))}))"
+        f"SELECT coalesce(max(_toxicity), 0) FROM _tox SEMI JOIN "
+        f"(SELECT {spec.toxicity_text} AS _text FROM read_parquet({quote(lake.glob(spec.out))})) USING (_text)"
     ).fetchone()[0]
     for reason, n in con.execute(
         f"SELECT reason, count(*) FROM read_parquet({quote(lake.glob(spec.quarantine))}) GROUP BY ALL"
