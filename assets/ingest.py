@@ -6,15 +6,18 @@ import dagster as dg
 
 from pipelines.resources import ImageGemSettings
 from pipelines.sources import list_release
-from warehouse.preview import markdown_table, query_markdown
 from warehouse.duck import quote
+from warehouse.preview import markdown_table, query_markdown
 from warehouse.release import ReleaseFormatError, describe_size, discover, land_release_table
 from warehouse.schema import RELEASE_TABLES
 
 GROUP = "ingest"
 
+
 @dg.asset(group_name=GROUP, kinds={"parquet", "python"})
-def release_files(context: dg.AssetExecutionContext, imagegem: ImageGemSettings) -> dg.MaterializeResult:
+def release_files(
+    context: dg.AssetExecutionContext, imagegem: ImageGemSettings
+) -> dg.MaterializeResult:
     """The release parquet files this run ingests.
 
     ``IMAGEGEM_SOURCE=sample`` generates the embedded ImageGem-shaped sample (with planted
@@ -41,6 +44,7 @@ def release_files(context: dg.AssetExecutionContext, imagegem: ImageGemSettings)
         }
     )
 
+
 def _landing_asset(table_name: str) -> dg.AssetsDefinition:
     table = RELEASE_TABLES[table_name]
 
@@ -56,7 +60,9 @@ def _landing_asset(table_name: str) -> dg.AssetsDefinition:
             "integers) are kept with an `_ingest_error` for the clean stage to quarantine."
         ),
     )
-    def landing(context: dg.AssetExecutionContext, imagegem: ImageGemSettings) -> dg.MaterializeResult:
+    def landing(
+        context: dg.AssetExecutionContext, imagegem: ImageGemSettings
+    ) -> dg.MaterializeResult:
         lake = imagegem.lake()
         started = time.monotonic()
         try:
@@ -69,7 +75,8 @@ def _landing_asset(table_name: str) -> dg.AssetsDefinition:
         seconds = time.monotonic() - started
         con = imagegem.duck()
         preview = query_markdown(
-            con, f"SELECT * EXCLUDE (_source_file) FROM read_parquet({quote(lake.glob(f'raw/{table_name}'))})",
+            con,
+            f"SELECT * EXCLUDE (_source_file) FROM read_parquet({quote(lake.glob(f'raw/{table_name}'))})",
             5,
         )
         errors = [(k, f"{v:,}") for k, v in sorted(report.row_errors.items())]
@@ -89,6 +96,7 @@ def _landing_asset(table_name: str) -> dg.AssetsDefinition:
         )
 
     return landing
+
 
 raw_images = _landing_asset("images")
 raw_models = _landing_asset("models")

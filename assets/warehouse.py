@@ -6,7 +6,14 @@ import pyarrow.parquet as pq
 from assets.ingest import raw_images, raw_models
 from pipelines.resources import ImageGemSettings
 from warehouse.catalog import build_catalog, connect_readonly
-from warehouse.clean import CleanSpec, StepReport, clean_release_table, images_spec, models_spec, reconcile
+from warehouse.clean import (
+    CleanSpec,
+    StepReport,
+    clean_release_table,
+    images_spec,
+    models_spec,
+    reconcile,
+)
 from warehouse.duck import quote
 from warehouse.lake import Lake
 from warehouse.preview import bar_chart_markdown, markdown_table, query_markdown
@@ -17,8 +24,10 @@ from warehouse.tables import DERIVED, build_derived, duplicate_keys
 
 GROUP = "warehouse"
 
+
 def _read(lake: Lake, table: str) -> str:
     return f"read_parquet({quote(lake.glob(table))})"
+
 
 def _schema_check(lake: Lake, spec_table: ReleaseTable, name: str) -> dg.AssetCheckResult:
     version = lake.require(name)
@@ -40,7 +49,10 @@ def _schema_check(lake: Lake, spec_table: ReleaseTable, name: str) -> dg.AssetCh
         },
     )
 
-def _reconciliation_check(con, lake: Lake, spec: CleanSpec, report: StepReport) -> dg.AssetCheckResult:
+
+def _reconciliation_check(
+    con, lake: Lake, spec: CleanSpec, report: StepReport
+) -> dg.AssetCheckResult:
     rows_in, rows_out, quarantined = reconcile(con, lake, spec)
     return dg.AssetCheckResult(
         check_name="reconciliation",
@@ -53,6 +65,7 @@ def _reconciliation_check(con, lake: Lake, spec: CleanSpec, report: StepReport) 
         },
     )
 
+
 def _unique_key_check(con, lake: Lake, name: str, key: tuple[str, ...]) -> dg.AssetCheckResult:
     dupes = duplicate_keys(con, lake, name, key)
     return dg.AssetCheckResult(
@@ -61,7 +74,9 @@ def _unique_key_check(con, lake: Lake, name: str, key: tuple[str, ...]) -> dg.As
         metadata={"key": ", ".join(key), "duplicated_keys": dupes},
     )
 
+
 CLEAN_CHECKS = ("schema", "reconciliation", "unique_key", "safety_filter_applied")
+
 
 def _clean_asset(table: ReleaseTable, raw: dg.AssetsDefinition, spec_for) -> dg.AssetsDefinition:
     @dg.asset(
@@ -76,7 +91,9 @@ def _clean_asset(table: ReleaseTable, raw: dg.AssetsDefinition, spec_for) -> dg.
             "dropped, rule breakers and safety-filtered rows quarantined with a reason."
         ),
     )
-    def clean(context: dg.AssetExecutionContext, imagegem: ImageGemSettings) -> dg.MaterializeResult:
+    def clean(
+        context: dg.AssetExecutionContext, imagegem: ImageGemSettings
+    ) -> dg.MaterializeResult:
         lake, cfg = imagegem.lake(), imagegem.clean_config()
         spec: CleanSpec = spec_for(cfg)
         con = imagegem.duck()
@@ -97,9 +114,13 @@ def _clean_asset(table: ReleaseTable, raw: dg.AssetsDefinition, spec_for) -> dg.
                 "exact_duplicates_dropped": report.duplicates,
                 "toxicity_scorer": report.scorer,
                 "reasons": dg.MetadataValue.md(
-                    bar_chart_markdown([r for r, _ in reasons], [n for _, n in reasons]) if reasons else "none"
+                    bar_chart_markdown([r for r, _ in reasons], [n for _, n in reasons])
+                    if reasons
+                    else "none"
                 ),
-                "preview": dg.MetadataValue.md(query_markdown(con, f"SELECT * FROM {_read(lake, table.name)}", 5)),
+                "preview": dg.MetadataValue.md(
+                    query_markdown(con, f"SELECT * FROM {_read(lake, table.name)}", 5)
+                ),
                 "version": report.version,
             },
             check_results=checks,
@@ -107,11 +128,16 @@ def _clean_asset(table: ReleaseTable, raw: dg.AssetsDefinition, spec_for) -> dg.
 
     return clean
 
-def _safety_check(con, lake: Lake, table: ReleaseTable, cfg, report: StepReport) -> dg.AssetCheckResult:
+
+def _safety_check(
+    con, lake: Lake, table: ReleaseTable, cfg, report: StepReport
+) -> dg.AssetCheckResult:
     src = _read(lake, table.name)
     if table is IMAGES:
         level = con.execute(f"SELECT coalesce(max(browsingLevel), 0) FROM {src}").fetchone()[0]
-        passed = level <= cfg.max_browsing_level and report.max_kept_toxicity <= cfg.toxicity_threshold
+        passed = (
+            level <= cfg.max_browsing_level and report.max_kept_toxicity <= cfg.toxicity_threshold
+        )
         details = {"max_browsingLevel_kept": level, "max_allowed": cfg.max_browsing_level}
     else:
         mask = cfg.blocked_level_mask
@@ -132,9 +158,11 @@ def _safety_check(con, lake: Lake, table: ReleaseTable, cfg, report: StepReport)
         },
     )
 
+
 models = _clean_asset(MODELS, raw_models, models_spec)
 images = _clean_asset(IMAGES, raw_images, images_spec)
 CLEAN_ASSETS = {"images": images, "models": models}
+
 
 def _derived_asset(name: str) -> dg.AssetsDefinition:
     table = DERIVED[name]
@@ -148,7 +176,9 @@ def _derived_asset(name: str) -> dg.AssetsDefinition:
         check_specs=[dg.AssetCheckSpec("unique_key", asset=name)],
         description=table.description,
     )
-    def derived(context: dg.AssetExecutionContext, imagegem: ImageGemSettings) -> dg.MaterializeResult:
+    def derived(
+        context: dg.AssetExecutionContext, imagegem: ImageGemSettings
+    ) -> dg.MaterializeResult:
         lake, con = imagegem.lake(), imagegem.duck()
         rows = build_derived(con, lake, name)
         context.log.info(f"{name}: {rows:,} rows")
@@ -156,14 +186,18 @@ def _derived_asset(name: str) -> dg.AssetsDefinition:
             metadata={
                 "dagster/row_count": rows,
                 "key": ", ".join(table.key),
-                "preview": dg.MetadataValue.md(query_markdown(con, f"SELECT * FROM {_read(lake, name)}", 5)),
+                "preview": dg.MetadataValue.md(
+                    query_markdown(con, f"SELECT * FROM {_read(lake, name)}", 5)
+                ),
             },
             check_results=[_unique_key_check(con, lake, name, table.key)],
         )
 
     return derived
 
+
 derived_assets = [_derived_asset(n) for n in DERIVED]
+
 
 @dg.asset(
     group_name=GROUP,
@@ -171,7 +205,9 @@ derived_assets = [_derived_asset(n) for n in DERIVED]
     kinds={"duckdb"},
     check_specs=[dg.AssetCheckSpec("every_row_has_a_reason", asset="quarantine")],
 )
-def quarantine(context: dg.AssetExecutionContext, imagegem: ImageGemSettings) -> dg.MaterializeResult:
+def quarantine(
+    context: dg.AssetExecutionContext, imagegem: ImageGemSettings
+) -> dg.MaterializeResult:
     """Every rejected input row of the clean steps: source, step, key, reason, detail, payload.
 
     The data is written by each clean step (``quarantine/images``, ``quarantine/models``);
@@ -192,7 +228,9 @@ def quarantine(context: dg.AssetExecutionContext, imagegem: ImageGemSettings) ->
         metadata={
             "dagster/row_count": total,
             "by_reason": dg.MetadataValue.md(
-                markdown_table(["step", "reason", "rows"], [(s, r, f"{n:,}") for s, r, n in by_reason])
+                markdown_table(
+                    ["step", "reason", "rows"], [(s, r, f"{n:,}") for s, r, n in by_reason]
+                )
             ),
             "preview": dg.MetadataValue.md(
                 query_markdown(con, f"SELECT step, record_key, reason, detail FROM ({union})", 10)
@@ -200,13 +238,18 @@ def quarantine(context: dg.AssetExecutionContext, imagegem: ImageGemSettings) ->
         },
         check_results=[
             dg.AssetCheckResult(
-                check_name="every_row_has_a_reason", passed=missing == 0, metadata={"rows_without": missing}
+                check_name="every_row_has_a_reason",
+                passed=missing == 0,
+                metadata={"rows_without": missing},
             )
         ],
     )
 
+
 @dg.asset(group_name=GROUP, deps=[images, models, quarantine], kinds={"duckdb"})
-def table1_stats(context: dg.AssetExecutionContext, imagegem: ImageGemSettings) -> dg.MaterializeResult:
+def table1_stats(
+    context: dg.AssetExecutionContext, imagegem: ImageGemSettings
+) -> dg.MaterializeResult:
     """The paper's Table 1 — raw vs safety-filtered images, unique prompts, LoRAs, unique tags,
     users, uploaders and averages — on this data, beside the published figures, plus the
     shape ratios of the ImageGem schema doc."""
@@ -221,6 +264,7 @@ def table1_stats(context: dg.AssetExecutionContext, imagegem: ImageGemSettings) 
         }
     )
 
+
 @dg.asset(
     group_name=GROUP,
     deps=[images, models, quarantine, table1_stats, *derived_assets],
@@ -228,7 +272,9 @@ def table1_stats(context: dg.AssetExecutionContext, imagegem: ImageGemSettings) 
     pool="warehouse",
     automation_condition=dg.AutomationCondition.eager(),
 )
-def warehouse_catalog(context: dg.AssetExecutionContext, imagegem: ImageGemSettings) -> dg.MaterializeResult:
+def warehouse_catalog(
+    context: dg.AssetExecutionContext, imagegem: ImageGemSettings
+) -> dg.MaterializeResult:
     """The DuckDB catalog file ``$IMAGEGEM_HOME/warehouse.duckdb``: one view per lake table
     plus the prompt macros, rebuilt atomically by one writer (pool ``warehouse``). Open it
     with any DuckDB client, from any directory: ``duckdb -readonly data/warehouse.duckdb``."""
@@ -239,7 +285,9 @@ def warehouse_catalog(context: dg.AssetExecutionContext, imagegem: ImageGemSetti
         if "getvariable" in sql:
             continue
         answers.append(f"**{name}**\n\n{query_markdown(con, sql, 5)}")
-    counts = [(v, f"{con.execute(f'SELECT count(*) FROM {v}').fetchone()[0]:,}") for v in report.views]
+    counts = [
+        (v, f"{con.execute(f'SELECT count(*) FROM {v}').fetchone()[0]:,}") for v in report.views
+    ]
     con.close()
     return dg.MaterializeResult(
         metadata={
@@ -250,7 +298,11 @@ def warehouse_catalog(context: dg.AssetExecutionContext, imagegem: ImageGemSetti
         }
     )
 
-@dg.asset_check(asset=warehouse_catalog, description="No raw username in any table: every userHash is 64 lowercase hex.")
+
+@dg.asset_check(
+    asset=warehouse_catalog,
+    description="No raw username in any table: every userHash is 64 lowercase hex.",
+)
 def no_raw_usernames(imagegem: ImageGemSettings) -> dg.AssetCheckResult:
     con = connect_readonly(imagegem.catalog_path())
     offenders: dict[str, int] = {}
@@ -271,6 +323,7 @@ def no_raw_usernames(imagegem: ImageGemSettings) -> dg.AssetCheckResult:
         passed=not bad,
         metadata={"tables_checked": len(offenders), "offending_values": dg.MetadataValue.json(bad)},
     )
+
 
 ALL_ASSETS = [images, models, *derived_assets, quarantine, table1_stats, warehouse_catalog]
 ALL_CHECKS = [no_raw_usernames]

@@ -20,7 +20,15 @@ TARGET_SECONDS = 45.0
 TARGET_RSS_GIB = 4.0
 
 
-CORE = ["release_files", "raw_images", "raw_models", "images", "models", "quarantine", "warehouse_catalog"]
+CORE = [
+    "release_files",
+    "raw_images",
+    "raw_models",
+    "images",
+    "models",
+    "quarantine",
+    "warehouse_catalog",
+]
 
 
 def run_benchmark(work: Path, memory_limit: str = "2GB") -> int:
@@ -38,13 +46,21 @@ def run_benchmark(work: Path, memory_limit: str = "2GB") -> int:
         print(f"reusing the full-scale sample at {release}")
 
     home = work / "home"
-    env = {**os.environ, "IMAGEGEM_HOME": str(home), "IMAGEGEM_SOURCE": "release",
-           "IMAGEGEM_RELEASE_PATH": str(release), "IMAGEGEM_DUCKDB_MEMORY": memory_limit}
+    env = {
+        **os.environ,
+        "IMAGEGEM_HOME": str(home),
+        "IMAGEGEM_SOURCE": "release",
+        "IMAGEGEM_RELEASE_PATH": str(release),
+        "IMAGEGEM_DUCKDB_MEMORY": memory_limit,
+    }
     phases = {}
     for phase in ("core", "rest"):
         started = time.monotonic()
         child = subprocess.run(
-            [sys.executable, "-m", "pipelines.bench", phase], env=env, capture_output=True, text=True
+            [sys.executable, "-m", "pipelines.bench", phase],
+            env=env,
+            capture_output=True,
+            text=True,
         )
         wall = time.monotonic() - started
         if child.returncode != 0:
@@ -56,15 +72,21 @@ def run_benchmark(work: Path, memory_limit: str = "2GB") -> int:
     core_wall, core = phases["core"]
     rest_wall, rest = phases["rest"]
     rows = core["raw_image_rows"] + core["raw_model_rows"]
-    print("\nfull-scale benchmark, 2 cores (DuckDB memory limit %s)" % memory_limit)
+    print(f"\nfull-scale benchmark, 2 cores (DuckDB memory limit {memory_limit})")
     print("\n1. ingest + clean + catalog (the issue's measure)")
     for name, seconds in core["steps"].items():
         print(f"  {name:<40} {seconds:7.1f} s")
-    print(f"  rows in      {rows:,} ({core['raw_image_rows']:,} image + {core['raw_model_rows']:,} model rows)")
+    print(
+        f"  rows in      {rows:,} ({core['raw_image_rows']:,} image + {core['raw_model_rows']:,} model rows)"
+    )
     print(f"  clean images {core['clean_image_rows']:,}   quarantined {core['quarantined']:,}")
-    print(f"  wall time    {core_wall:.1f} s (process start to exit)   target ≤ {TARGET_SECONDS:.0f} s")
+    print(
+        f"  wall time    {core_wall:.1f} s (process start to exit)   target ≤ {TARGET_SECONDS:.0f} s"
+    )
     print(f"  throughput   {rows / core_wall:,.0f} rows/s")
-    print("\n2. the rest of the warehouse (users, loras, image_loras, prompts, interactions, Table 1, catalog)")
+    print(
+        "\n2. the rest of the warehouse (users, loras, image_loras, prompts, interactions, Table 1, catalog)"
+    )
     for name, seconds in rest["steps"].items():
         print(f"  {name:<40} {seconds:7.1f} s")
     print(f"  wall time    {rest_wall:.1f} s")
@@ -103,14 +125,18 @@ def _child(phase: str) -> None:
         mats = result.asset_materializations_for_node(key) if key in steps else []
         return int(mats[-1].metadata[name].value) if mats else -1
 
-    print(json.dumps({
-        "seconds": seconds,
-        "steps": steps,
-        "raw_image_rows": meta("raw_images", "dagster/row_count"),
-        "raw_model_rows": meta("raw_models", "dagster/row_count"),
-        "clean_image_rows": meta("images", "dagster/row_count"),
-        "quarantined": meta("quarantine", "dagster/row_count"),
-    }))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "steps": steps,
+                "raw_image_rows": meta("raw_images", "dagster/row_count"),
+                "raw_model_rows": meta("raw_models", "dagster/row_count"),
+                "clean_image_rows": meta("images", "dagster/row_count"),
+                "quarantined": meta("quarantine", "dagster/row_count"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ def cmd_sql(args: argparse.Namespace) -> int:
     try:
         con = connect_readonly(path)
         for name, value in args.var or []:
-            con.execute(f"SET VARIABLE {name} = ?", [int(value) if value.lstrip("-").isdigit() else value])
+            con.execute(
+                f"SET VARIABLE {name} = ?", [int(value) if value.lstrip("-").isdigit() else value]
+            )
         _print_query(con, args.query, args.max_rows)
     except (duckdb.Error, FileNotFoundError) as exc:
         print(f"imagegem sql: {exc}", file=sys.stderr)
@@ -60,7 +62,9 @@ def cmd_tour(args: argparse.Namespace) -> int:
     path = _settings().catalog_path()
     con = connect_readonly(path)
     print(f"\nThe warehouse catalog is {path}")
-    print(f"Query it with:  .venv/bin/imagegem sql \"SELECT * FROM loras LIMIT 5\"  (or duckdb -readonly {path})\n")
+    print(
+        f'Query it with:  .venv/bin/imagegem sql "SELECT * FROM loras LIMIT 5"  (or duckdb -readonly {path})\n'
+    )
     print("Table 1 of the paper on this data (raw vs safety-filtered):")
     _print_query(con, "SELECT * EXCLUDE (distinct_image_ids) FROM table1_stats", 5)
     examples = {
@@ -97,19 +101,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loras", type=int, default=None, help="model rows (default: from --users)")
     p.add_argument("--images", type=int, default=None, help="image rows (default: from --users)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", choices=["default", "full"], default="default",
-                   help="full = ImageGem's size (5,658,107 image rows), metadata only")
+    p.add_argument(
+        "--scale",
+        choices=["default", "full"],
+        default="default",
+        help="full = ImageGem's size (5,658,107 image rows), metadata only",
+    )
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("sql", help="run a query read-only on the warehouse catalog")
     p.add_argument("query")
-    p.add_argument("--catalog", default=None, help="catalog file (default: $IMAGEGEM_HOME/warehouse.duckdb)")
-    p.add_argument("--var", nargs=2, action="append", metavar=("NAME", "VALUE"),
-                   help="SET VARIABLE NAME = VALUE before the query (for getvariable())")
+    p.add_argument(
+        "--catalog", default=None, help="catalog file (default: $IMAGEGEM_HOME/warehouse.duckdb)"
+    )
+    p.add_argument(
+        "--var",
+        nargs=2,
+        action="append",
+        metavar=("NAME", "VALUE"),
+        help="SET VARIABLE NAME = VALUE before the query (for getvariable())",
+    )
     p.add_argument("--max-rows", type=int, default=40)
     p.set_defaults(func=cmd_sql)
 
-    p = sub.add_parser("tour", help="print where the warehouse is and the example questions' answers")
+    p = sub.add_parser(
+        "tour", help="print where the warehouse is and the example questions' answers"
+    )
     p.set_defaults(func=cmd_tour)
 
     p = sub.add_parser("bench", help="full-scale ingest + clean + catalog benchmark")

@@ -84,7 +84,11 @@ class ImageGemSettings(dg.ConfigurableResource):
         return self.home.rstrip("/") if is_remote(self.home) else os.path.abspath(self.home)
 
     def storage_options(self) -> dict:
-        return {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}} if self.s3_endpoint_url else {}
+        return (
+            {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}}
+            if self.s3_endpoint_url
+            else {}
+        )
 
     def lake(self) -> Lake:
         return Lake(posixpath.join(self.home_root(), "lake"), self.storage_options())
@@ -104,7 +108,9 @@ class ImageGemSettings(dg.ConfigurableResource):
     def release_root(self) -> str:
         """The release folder the ingest reads: the generated sample, or the configured path."""
         if self.source not in SOURCES:
-            raise ValueError(f"IMAGEGEM_SOURCE={self.source!r}: expected one of {', '.join(SOURCES)}")
+            raise ValueError(
+                f"IMAGEGEM_SOURCE={self.source!r}: expected one of {', '.join(SOURCES)}"
+            )
         if self.source == "sample":
             return self.sample_dir()
         if not self.release_path:

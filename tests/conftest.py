@@ -49,7 +49,9 @@ def run_warehouse(release: Path, lake_root: Path, cfg: CleanConfig | None = None
     con = connect(lake)
     reports = {}
     for spec in (models_spec(cfg), images_spec(cfg)):
-        reports[spec.table.name] = clean_release_table(con, lake, spec, cfg, LexiconScorer.bundled(), log)
+        reports[spec.table.name] = clean_release_table(
+            con, lake, spec, cfg, LexiconScorer.bundled(), log
+        )
     for name in DERIVED:
         build_derived(con, lake, name)
     return WarehouseRun(lake, con, reports)

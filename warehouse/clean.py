@@ -129,12 +129,10 @@ class StepReport:
 
 # -- the rules --------------------------------------------------------------------------------
 
+
 def _ts(column: str) -> str:
     """Typed timestamp from release text ("YYYY-MM-DD HH:MM:SS" or ISO 8601)."""
-    return (
-        f"COALESCE(try_strptime({column}, '%Y-%m-%d %H:%M:%S'), "
-        f"try_cast({column} AS TIMESTAMP))"
-    )
+    return f"COALESCE(try_strptime({column}, '%Y-%m-%d %H:%M:%S'), try_cast({column} AS TIMESTAMP))"
 
 
 def _date_rules(column: str, cfg: CleanConfig, required: bool) -> list[Rule]:
@@ -203,7 +201,10 @@ def models_spec(cfg: CleanConfig) -> CleanSpec:
         Rule("negative sizeKB", "sizeKB < 0", "CAST(sizeKB AS VARCHAR)"),
         *_date_rules("publishedAt", cfg, required=True),
         *_date_rules("scannedAt", cfg, required=False),
-        Rule("negative count", "least(downloadCount, ratingCount, thumbsUpCount, thumbsDownCount) < 0"),
+        Rule(
+            "negative count",
+            "least(downloadCount, ratingCount, thumbsUpCount, thumbsDownCount) < 0",
+        ),
     )
     mask = cfg.blocked_level_mask
     safety = (
@@ -225,6 +226,7 @@ def models_spec(cfg: CleanConfig) -> CleanSpec:
 
 # -- the engine -------------------------------------------------------------------------------
 
+
 def user_hash_sql(column: str, salt_param: str = "$salt") -> str:
     """A release userHash kept (lower-cased) when it is a hash, else salted-SHA-256 hashed."""
     value = f"trim({column})"
@@ -244,7 +246,7 @@ def _typed_select(table: ReleaseTable) -> str:
             parts.append(f"{_ts(name)} AS {name}")
             parts.append(f'{name} AS "_raw_{column}"')
         elif column == "userHash":
-            parts.append("_users.hashed AS \"userHash\"")
+            parts.append('_users.hashed AS "userHash"')
         else:
             parts.append(f"_raw.{name}")
     parts += [SOURCE_FILE, SOURCE_ROW, INGEST_ERROR]
@@ -260,9 +262,7 @@ def _first_rule(rules: Sequence[Rule], value: str) -> str:
     return f"CASE {whens} END"
 
 
-def _score_texts(
-    con: duckdb.DuckDBPyConnection, spec: CleanSpec, scorer: ToxicityScorer
-) -> None:
+def _score_texts(con: duckdb.DuckDBPyConnection, spec: CleanSpec, scorer: ToxicityScorer) -> None:
     """Temp table _tox(_text, _toxicity) of the distinct raw texts that score above zero."""
     text = spec.toxicity_text
     distinct = f"SELECT DISTINCT {text} AS _text FROM _raw WHERE {text} IS NOT NULL"
@@ -367,13 +367,15 @@ def clean_release_table(
     log = log or logging.getLogger(__name__)
     table = spec.table
     raw_files = lake.glob(spec.raw)
-    con.execute(f"CREATE OR REPLACE TEMP VIEW _raw AS SELECT * FROM read_parquet({quote(raw_files)})")
+    con.execute(
+        f"CREATE OR REPLACE TEMP VIEW _raw AS SELECT * FROM read_parquet({quote(raw_files)})"
+    )
     rows_in = con.execute("SELECT count(*) FROM _raw").fetchone()[0]
     log.info(f"{spec.step}: {rows_in:,} raw rows; scoring distinct texts with {scorer.name}")
     _score_texts(con, spec, scorer)
     con.execute(
         "CREATE OR REPLACE TEMP TABLE _users AS SELECT raw, "
-        f"{user_hash_sql('raw')} AS hashed FROM (SELECT DISTINCT \"userHash\" AS raw FROM _raw)",
+        f'{user_hash_sql("raw")} AS hashed FROM (SELECT DISTINCT "userHash" AS raw FROM _raw)',
         {"salt": cfg.user_salt},
     )
     keys = ", ".join(f'"{k}" AS _k{i}' for i, k in enumerate(table.key))
@@ -387,13 +389,17 @@ def clean_release_table(
     log.info(f"{spec.step}: writing clean rows")
     content = ", ".join(f'"{c}"' for c in table.column_names)
     with lake.writing(spec.out) as version:
-        copy_to_parquet(con, f"SELECT {content} FROM _stage WHERE _status = 'kept'", version.part(0))
+        copy_to_parquet(
+            con, f"SELECT {content} FROM _stage WHERE _status = 'kept'", version.part(0)
+        )
     log.info(f"{spec.step}: writing quarantine rows")
     write_quarantine(con, lake, spec, cfg)
 
     report = StepReport(step=spec.step, table=table.name, scorer=scorer.name, version=version.name)
     report.rows_in = rows_in
-    report.rows_out = con.execute(f"SELECT count(*) FROM read_parquet({quote(lake.glob(spec.out))})").fetchone()[0]
+    report.rows_out = con.execute(
+        f"SELECT count(*) FROM read_parquet({quote(lake.glob(spec.out))})"
+    ).fetchone()[0]
     # The highest toxicity among kept texts: a semi join of the clean rows with the (small)
     # table of texts that scored above zero.
     report.max_kept_toxicity = con.execute(
@@ -406,7 +412,9 @@ def clean_release_table(
         report.reasons[reason] = n
         report.quarantined += n
     # Exact copies can only be among rows whose key repeats: counted where they were ranked.
-    report.duplicates = con.execute("SELECT count(*) FROM _ranked_dups WHERE _copy > 1").fetchone()[0]
+    report.duplicates = con.execute("SELECT count(*) FROM _ranked_dups WHERE _copy > 1").fetchone()[
+        0
+    ]
     if report.duplicates:
         report.reasons["exact duplicate"] = report.duplicates
     con.execute(
@@ -447,7 +455,9 @@ def write_quarantine(
 
 
 def count_rows(con: duckdb.DuckDBPyConnection, lake: Lake, table: str) -> int:
-    return con.execute(f"SELECT count(*) FROM read_parquet({quote(lake.glob(table))})").fetchone()[0]
+    return con.execute(f"SELECT count(*) FROM read_parquet({quote(lake.glob(table))})").fetchone()[
+        0
+    ]
 
 
 def reconcile(con: duckdb.DuckDBPyConnection, lake: Lake, spec: CleanSpec) -> tuple[int, int, int]:

@@ -18,7 +18,7 @@ import posixpath
 import secrets
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -136,18 +136,15 @@ class Lake:
         try:
             yield version
         except BaseException:
-            try:
+            with suppress(FileNotFoundError):
                 self.fs.rm(version.path, recursive=True)
-            except FileNotFoundError:
-                pass
             raise
         self.commit(version)
 
     def write_table(self, table: str, data: pa.Table) -> TableVersion:
         """Write a small Arrow table as one committed version (for summaries and stats)."""
-        with self.writing(table) as version:
-            with self.fs.open(version.part(0), "wb") as f:
-                pq.write_table(data, f, compression="zstd")
+        with self.writing(table) as version, self.fs.open(version.part(0), "wb") as f:
+            pq.write_table(data, f, compression="zstd")
         return version
 
     def read_table(self, table: str) -> pa.Table:

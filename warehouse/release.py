@@ -86,17 +86,27 @@ def discover(root: str, table: ReleaseTable, storage_options: dict | None = None
 
 # -- schema validation ------------------------------------------------------------------------
 
+
 def _accepts(kind: Kind, dtype: pa.DataType) -> bool:
     if pa.types.is_null(dtype):
         return True
     if pa.types.is_dictionary(dtype):
         return _accepts(kind, dtype.value_type)
     if kind is Kind.INT:
-        return pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_boolean(dtype)
+        return (
+            pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_boolean(dtype)
+        )
     if kind is Kind.FLOAT:
-        return pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_decimal(dtype)
+        return (
+            pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_decimal(dtype)
+        )
     if kind is Kind.STRING:
-        return pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype)
+        return (
+            pa.types.is_string(dtype)
+            or pa.types.is_large_string(dtype)
+            or pa.types.is_binary(dtype)
+            or pa.types.is_large_binary(dtype)
+        )
     if kind is Kind.TIMESTAMP_TEXT:
         return (
             pa.types.is_string(dtype)
@@ -288,7 +298,9 @@ def land_release_table(
                 for batch in iter_landing_batches(path, table, fs):
                     writer.write_batch(batch)
                     errors = batch.column(INGEST_ERROR)
-                    messages = errors.drop_null().to_pylist() if errors.null_count < len(errors) else []
+                    messages = (
+                        errors.drop_null().to_pylist() if errors.null_count < len(errors) else []
+                    )
                     with lock:
                         for message in messages:
                             report.row_errors[message] = report.row_errors.get(message, 0) + 1

@@ -44,7 +44,15 @@ PAPER_RATIOS = {
     "safety_removed_share": 0.131,
 }
 
-COUNT_COLUMNS = ("images", "unique_prompts", "loras", "unique_tags", "users", "uploaders", "distinct_image_ids")
+COUNT_COLUMNS = (
+    "images",
+    "unique_prompts",
+    "loras",
+    "unique_tags",
+    "users",
+    "uploaders",
+    "distinct_image_ids",
+)
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,9 @@ class Table1:
         lines = ["| ratio | this data | ImageGem | deviation |", "|---|---:|---:|---:|"]
         for name, value in self.ratios().items():
             paper = PAPER_RATIOS[name]
-            lines.append(f"| {name} | {value:.3f} | {paper:.3f} | {100 * (value / paper - 1):+.0f}% |")
+            lines.append(
+                f"| {name} | {value:.3f} | {paper:.3f} | {100 * (value / paper - 1):+.0f}% |"
+            )
         return "\n".join(lines)
 
 
@@ -100,14 +110,18 @@ def _unsafe_rows(lake: Lake, part: str, columns: dict[str, str]) -> str:
         f"CAST(json_extract_string(payload, '$.{c}') AS {t}) AS \"{c}\"" for c, t in columns.items()
     )
     return (
-        f"SELECT {fields} FROM read_parquet({quote(lake.glob(part))}) "
-        "WHERE reason LIKE 'unsafe:%'"
+        f"SELECT {fields} FROM read_parquet({quote(lake.glob(part))}) WHERE reason LIKE 'unsafe:%'"
     )
 
 
 def compute_table1(con: duckdb.DuckDBPyConnection, lake: Lake) -> Table1:
     """Table 1 of the paper on this lake's data."""
-    img_cols = {"imageId": "BIGINT", "modelVersionId": "BIGINT", "prompt": "VARCHAR", "userHash": "VARCHAR"}
+    img_cols = {
+        "imageId": "BIGINT",
+        "modelVersionId": "BIGINT",
+        "prompt": "VARCHAR",
+        "userHash": "VARCHAR",
+    }
     mod_cols = {"modelVersionId": "BIGINT", "tags": "VARCHAR", "userHash": "VARCHAR"}
     img_sel = ", ".join(f'"{c}"' for c in img_cols)
     mod_sel = ", ".join(f'"{c}"' for c in mod_cols)
@@ -124,9 +138,7 @@ def compute_table1(con: duckdb.DuckDBPyConnection, lake: Lake) -> Table1:
     for stage, (img, mod) in sources.items():
         con.execute(f"CREATE OR REPLACE TEMP TABLE _t1_img AS {img}")
         con.execute(f"CREATE OR REPLACE TEMP TABLE _t1_mod AS {mod}")
-        (
-            n_images, n_prompts, n_image_ids, loras, tags, uploaders, users, used_loras
-        ) = con.execute(
+        (n_images, n_prompts, n_image_ids, loras, tags, uploaders, users, used_loras) = con.execute(
             """
             SELECT (SELECT count(*) FROM _t1_img),
                    (SELECT count(DISTINCT prompt) FROM _t1_img),

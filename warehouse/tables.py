@@ -166,26 +166,40 @@ DERIVED: dict[str, DerivedTable] = {
     t.name: t
     for t in (
         DerivedTable(
-            "users", ("userHash",), users_sql, ("images", "models"),
+            "users",
+            ("userHash",),
+            users_sql,
+            ("images", "models"),
             "One row per user (images ∪ uploads): activity counts, uploader flag, first/last seen.",
         ),
         DerivedTable(
-            "loras", ("modelVersionId",), loras_sql, ("images", "models"),
+            "loras",
+            ("modelVersionId",),
+            loras_sql,
+            ("images", "models"),
             "One row per LoRA model version: its primary file, tags and trained words as lists, "
             "uploader, and how many image rows and users used it.",
         ),
         DerivedTable(
-            "image_loras", ("imageId", "modelVersionId"), image_loras_sql, ("images", "loras"),
+            "image_loras",
+            ("imageId", "modelVersionId"),
+            image_loras_sql,
+            ("images", "loras"),
             "The LoRAs each image used (multi-LoRA images have several rows), with the weight of "
             "the matching `<lora:name:w>` tag parsed from the prompt.",
         ),
         DerivedTable(
-            "prompts", ("prompt_id",), prompts_sql, ("images",),
+            "prompts",
+            ("prompt_id",),
+            prompts_sql,
+            ("images",),
             "Distinct normalised prompts (LoRA tags removed, lower case, whitespace tidied) with "
             "usage counts; prompt_id = first 16 hex of SHA-256 of the normalised text.",
         ),
         DerivedTable(
-            "interactions", ("userHash", "item_kind", "item_id", "kind"), interactions_sql,
+            "interactions",
+            ("userHash", "item_kind", "item_id", "kind"),
+            interactions_sql,
             ("images", "models"),
             "User → item events: generated_with (user, LoRA), created (user, image), uploaded "
             "(user, LoRA). The release carries reaction counts only, so no per-user reactions.",
@@ -211,7 +225,9 @@ def build_derived(con: duckdb.DuckDBPyConnection, lake: Lake, name: str) -> int:
     return con.execute(f"SELECT count(*) FROM {_src(lake, name)}").fetchone()[0]
 
 
-def duplicate_keys(con: duckdb.DuckDBPyConnection, lake: Lake, table: str, key: tuple[str, ...]) -> int:
+def duplicate_keys(
+    con: duckdb.DuckDBPyConnection, lake: Lake, table: str, key: tuple[str, ...]
+) -> int:
     """How many key values occur more than once in a committed table (0 when the key holds)."""
     cols = ", ".join(f'"{k}"' for k in key)
     return con.execute(

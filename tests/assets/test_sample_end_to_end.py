@@ -57,33 +57,53 @@ def reasons(wh) -> dict[str, int]:
 
 def test_every_planted_image_defect_is_quarantined_with_its_reason(world):
     _, wh, truth = world
-    planted = dict(truth.execute(
-        "SELECT coalesce(malformed_kind, unsafe_kind), count(*) FROM image_truth "
-        "WHERE malformed_kind IS NOT NULL OR unsafe_kind IS NOT NULL GROUP BY ALL"
-    ).fetchall())
+    planted = dict(
+        truth.execute(
+            "SELECT coalesce(malformed_kind, unsafe_kind), count(*) FROM image_truth "
+            "WHERE malformed_kind IS NOT NULL OR unsafe_kind IS NOT NULL GROUP BY ALL"
+        ).fetchall()
+    )
     got = reasons(wh)
     assert got["null imageId"] == planted["null_id"]
     assert got["non-positive width/height"] == planted["bad_size"]
-    assert got.get("unparseable createdAt", 0) + got.get("impossible createdAt", 0) == planted["bad_date"]
+    assert (
+        got.get("unparseable createdAt", 0) + got.get("impossible createdAt", 0)
+        == planted["bad_date"]
+    )
     assert got["prompt too long"] == planted["long_prompt"]
     assert got["unsafe: browsingLevel"] == planted["browsing_level"]
     assert got["unsafe: toxic prompt"] == planted["toxic_prompt"]
-    dropped = world[0].asset_materializations_for_node("images")[0].metadata["exact_duplicates_dropped"].value
+    dropped = (
+        world[0]
+        .asset_materializations_for_node("images")[0]
+        .metadata["exact_duplicates_dropped"]
+        .value
+    )
     assert dropped == planted["exact_duplicate"]
 
 
 def test_model_defects_and_unsafe_loras(world):
     _, wh, truth = world
-    planted = dict(truth.execute(
-        "SELECT coalesce(malformed_kind, unsafe_kind), count(*) FROM model_truth "
-        "WHERE malformed_kind IS NOT NULL OR unsafe_kind IS NOT NULL GROUP BY ALL"
-    ).fetchall())
+    planted = dict(
+        truth.execute(
+            "SELECT coalesce(malformed_kind, unsafe_kind), count(*) FROM model_truth "
+            "WHERE malformed_kind IS NOT NULL OR unsafe_kind IS NOT NULL GROUP BY ALL"
+        ).fetchall()
+    )
     got = reasons(wh)
     assert got["null modelVersionId"] == planted["null_version_id"]
     assert got["negative sizeKB"] == planted["negative_size"]
-    assert got.get("unparseable publishedAt", 0) + got.get("impossible publishedAt", 0) == planted["bad_date"]
-    unsafe_truth = {r[0] for r in truth.execute("SELECT modelVersionId FROM lora_styles WHERE is_unsafe").fetchall()}
-    unsafe_kept = {r[0] for r in wh.execute("SELECT modelVersionId FROM loras").fetchall()} & unsafe_truth
+    assert (
+        got.get("unparseable publishedAt", 0) + got.get("impossible publishedAt", 0)
+        == planted["bad_date"]
+    )
+    unsafe_truth = {
+        r[0]
+        for r in truth.execute("SELECT modelVersionId FROM lora_styles WHERE is_unsafe").fetchall()
+    }
+    unsafe_kept = {
+        r[0] for r in wh.execute("SELECT modelVersionId FROM loras").fetchall()
+    } & unsafe_truth
     assert unsafe_truth and not unsafe_kept
 
 
@@ -96,20 +116,51 @@ def test_clean_images_are_exactly_the_truths_kept_rows(world):
 
 def test_raw_usernames_hashed_with_the_salt(world):
     _, wh, truth = world
-    rows = truth.execute("SELECT i.imageId, i.modelVersionId, r.raw_username FROM raw_usernames r JOIN images i USING (row_index)").fetchall()
+    rows = truth.execute(
+        "SELECT i.imageId, i.modelVersionId, r.raw_username FROM raw_usernames r JOIN images i USING (row_index)"
+    ).fetchall()
     assert rows
     for image_id, version_id, raw in rows[:20]:
         expected = hashlib.sha256((SALT + raw).encode()).hexdigest()
-        assert one(wh, "SELECT userHash FROM images WHERE imageId = ? AND modelVersionId = ?", image_id, version_id) == expected
-    assert one(wh, "SELECT count(*) FROM users WHERE NOT regexp_full_match(userHash, '[0-9a-f]{64}')") == 0
+        assert (
+            one(
+                wh,
+                "SELECT userHash FROM images WHERE imageId = ? AND modelVersionId = ?",
+                image_id,
+                version_id,
+            )
+            == expected
+        )
+    assert (
+        one(wh, "SELECT count(*) FROM users WHERE NOT regexp_full_match(userHash, '[0-9a-f]{64}')")
+        == 0
+    )
 
 
 def test_shape_ratios_within_25_percent_of_imagegem(world):
     _, wh, _ = world
-    f = dict(zip([d[0] for d in wh.execute("SELECT * FROM table1_stats WHERE stage = 'filtered'").description],
-                 wh.execute("SELECT * FROM table1_stats WHERE stage = 'filtered'").fetchone(), strict=True))
-    r = dict(zip([d[0] for d in wh.execute("SELECT * FROM table1_stats WHERE stage = 'raw'").description],
-                 wh.execute("SELECT * FROM table1_stats WHERE stage = 'raw'").fetchone(), strict=True))
+    f = dict(
+        zip(
+            [
+                d[0]
+                for d in wh.execute(
+                    "SELECT * FROM table1_stats WHERE stage = 'filtered'"
+                ).description
+            ],
+            wh.execute("SELECT * FROM table1_stats WHERE stage = 'filtered'").fetchone(),
+            strict=True,
+        )
+    )
+    r = dict(
+        zip(
+            [
+                d[0]
+                for d in wh.execute("SELECT * FROM table1_stats WHERE stage = 'raw'").description
+            ],
+            wh.execute("SELECT * FROM table1_stats WHERE stage = 'raw'").fetchone(),
+            strict=True,
+        )
+    )
     ratios = {
         "users_per_uploader": f["users"] / f["uploaders"],
         "loras_per_uploader": f["loras"] / f["uploaders"],
@@ -129,6 +180,7 @@ def test_shape_ratios_within_25_percent_of_imagegem(world):
 
 # -- the example questions of the schema doc, against the truth ---------------------------------
 
+
 def run_question(wh, name, **variables):
     for key, value in variables.items():
         wh.execute(f"SET VARIABLE {key} = ?", [value])
@@ -145,53 +197,98 @@ def test_q_unique_prompts(world):
 def test_q_base_models_and_sd15_primaries(world):
     _, wh, truth = world
     got = dict(run_question(wh, "base_model_families"))
-    expected = dict(truth.execute("SELECT baseModel, count(*) FROM lora_styles WHERE NOT is_unsafe GROUP BY ALL").fetchall())
+    expected = dict(
+        truth.execute(
+            "SELECT baseModel, count(*) FROM lora_styles WHERE NOT is_unsafe GROUP BY ALL"
+        ).fetchall()
+    )
     assert set(got) == set(expected) and {"SD 1.5", "SDXL 1.0"} <= set(got)
     sd15 = {r[0] for r in run_question(wh, "primary_sd15_loras")}
-    expected_sd15 = {r[0] for r in truth.execute(
-        "SELECT modelVersionId FROM clean_models WHERE \"primary\" = 1 AND baseModel = 'SD 1.5'").fetchall()}
+    expected_sd15 = {
+        r[0]
+        for r in truth.execute(
+            "SELECT modelVersionId FROM clean_models WHERE \"primary\" = 1 AND baseModel = 'SD 1.5'"
+        ).fetchall()
+    }
     assert sd15 == expected_sd15 and sd15
 
 
 def test_q_loras_with_tag(world):
     _, wh, truth = world
-    tag = one(truth, "SELECT trim(t) FROM (SELECT unnest(string_split(tags, ',')) t FROM clean_models) GROUP BY 1 ORDER BY count(*) DESC LIMIT 1")
+    tag = one(
+        truth,
+        "SELECT trim(t) FROM (SELECT unnest(string_split(tags, ',')) t FROM clean_models) GROUP BY 1 ORDER BY count(*) DESC LIMIT 1",
+    )
     got = {r[0] for r in run_question(wh, "loras_with_tag", tag=tag)}
-    expected = {r[0] for r in truth.execute(
-        "SELECT DISTINCT modelVersionId FROM clean_models WHERE list_contains(list_transform(string_split(tags, ','), lambda t: trim(t)), ?)", [tag]).fetchall()}
+    expected = {
+        r[0]
+        for r in truth.execute(
+            "SELECT DISTINCT modelVersionId FROM clean_models WHERE list_contains(list_transform(string_split(tags, ','), lambda t: trim(t)), ?)",
+            [tag],
+        ).fetchall()
+    }
     assert got == expected and len(got) > 1
 
 
 def test_q_image_model_versions_for_multi_lora_images(world):
     _, wh, truth = world
-    for image_id in [r[0] for r in truth.execute(
-            "SELECT imageId FROM kept_images GROUP BY 1 HAVING count(*) >= 2 ORDER BY 1 LIMIT 5").fetchall()]:
+    for image_id in [
+        r[0]
+        for r in truth.execute(
+            "SELECT imageId FROM kept_images GROUP BY 1 HAVING count(*) >= 2 ORDER BY 1 LIMIT 5"
+        ).fetchall()
+    ]:
         got = {r[1] for r in run_question(wh, "image_model_versions", image_id=image_id)}
-        expected = {r[0] for r in truth.execute("SELECT modelVersionId FROM kept_images WHERE imageId = ?", [image_id]).fetchall()}
+        expected = {
+            r[0]
+            for r in truth.execute(
+                "SELECT modelVersionId FROM kept_images WHERE imageId = ?", [image_id]
+            ).fetchall()
+        }
         assert got == expected and len(got) >= 2
     assert len(run_question(wh, "multi_lora_images")) == one(
-        truth, "SELECT count(*) FROM (SELECT imageId FROM kept_images GROUP BY 1 HAVING count(*) > 1)")
+        truth,
+        "SELECT count(*) FROM (SELECT imageId FROM kept_images GROUP BY 1 HAVING count(*) > 1)",
+    )
 
 
 def test_q_user_images_and_models(world):
     _, wh, truth = world
-    user = one(truth, "SELECT uploader_userHash FROM lora_styles GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1")
+    user = one(
+        truth,
+        "SELECT uploader_userHash FROM lora_styles GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1",
+    )
     got = run_question(wh, "user_images_and_models", user_hash=user)
     images = {i for kind, i, _ in got if kind == "image"}
     models = {i for kind, i, _ in got if kind == "model_version"}
-    assert images == {r[0] for r in truth.execute("SELECT DISTINCT imageId FROM kept_images WHERE userHash = ?", [user]).fetchall()}
-    assert models == {r[0] for r in truth.execute(
-        "SELECT DISTINCT modelVersionId FROM clean_models WHERE userHash = ?", [user]).fetchall()}
+    assert images == {
+        r[0]
+        for r in truth.execute(
+            "SELECT DISTINCT imageId FROM kept_images WHERE userHash = ?", [user]
+        ).fetchall()
+    }
+    assert models == {
+        r[0]
+        for r in truth.execute(
+            "SELECT DISTINCT modelVersionId FROM clean_models WHERE userHash = ?", [user]
+        ).fetchall()
+    }
     assert models
 
 
 def test_q_images_by_other_users(world):
     _, wh, truth = world
     version, uploader = truth.execute(
-        "SELECT modelVersionId, uploader_userHash FROM lora_styles WHERE NOT is_unsafe ORDER BY popularity DESC LIMIT 1").fetchone()
+        "SELECT modelVersionId, uploader_userHash FROM lora_styles WHERE NOT is_unsafe ORDER BY popularity DESC LIMIT 1"
+    ).fetchone()
     got = {r[0] for r in run_question(wh, "images_by_other_users", model_version_id=version)}
-    expected = {r[0] for r in truth.execute(
-        "SELECT DISTINCT imageId FROM kept_images WHERE modelVersionId = ? AND userHash <> ?", [version, uploader]).fetchall()}
+    expected = {
+        r[0]
+        for r in truth.execute(
+            "SELECT DISTINCT imageId FROM kept_images WHERE modelVersionId = ? AND userHash <> ?",
+            [version, uploader],
+        ).fetchall()
+    }
     assert got == expected and got
 
 
@@ -199,10 +296,15 @@ def test_users_use_loras_of_their_own_taste(world):
     """Planted world, seen through the warehouse: the LoRAs a user generates with are mostly of
     the user's top style (chance level is 1 / number of styles)."""
     _, wh, truth = world
-    pairs = wh.sql("SELECT userHash, item_id FROM interactions WHERE kind = 'generated_with'").arrow()
+    pairs = wh.sql(
+        "SELECT userHash, item_id FROM interactions WHERE kind = 'generated_with'"
+    ).arrow()
     truth.register("pairs", pairs)
-    share = one(truth, """
+    share = one(
+        truth,
+        """
         SELECT avg((l.main_style = u.top_style)::INT) FROM pairs p
-        JOIN user_tastes u USING (userHash) JOIN lora_styles l ON l.modelVersionId = p.item_id""")
+        JOIN user_tastes u USING (userHash) JOIN lora_styles l ON l.modelVersionId = p.item_id""",
+    )
     n_styles = one(truth, "SELECT count(*) FROM styles")
     assert share > 3 / n_styles

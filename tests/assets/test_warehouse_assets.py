@@ -26,19 +26,27 @@ def materialize(settings: ImageGemSettings, instance=None) -> dg.ExecuteInJobRes
 
 @pytest.fixture
 def release(tmp_path):
-    images = [image_row(i, 1 + i % 3) for i in range(1, 30)] + [image_row(1, 3), image_row(99, width=-5)]
+    images = [image_row(i, 1 + i % 3) for i in range(1, 30)] + [
+        image_row(1, 3),
+        image_row(99, width=-5),
+    ]
     images.append(image_row(100, browsingLevel=8))
     return write_release(tmp_path / "release", images, [model_row(v) for v in (1, 2, 3)])
 
 
 def test_all_assets_and_checks_pass(tmp_path, release):
-    settings = ImageGemSettings(home=str(tmp_path / "home"), source="release", release_path=str(release))
+    settings = ImageGemSettings(
+        home=str(tmp_path / "home"), source="release", release_path=str(release)
+    )
     result = materialize(settings)
     assert result.success
     checks = result.get_asset_check_evaluations()
     assert checks and all(c.passed for c in checks), [c.check_name for c in checks if not c.passed]
     names = {(c.asset_key.to_user_string(), c.check_name) for c in checks}
-    assert ("images", "reconciliation") in names and ("warehouse_catalog", "no_raw_usernames") in names
+    assert ("images", "reconciliation") in names and (
+        "warehouse_catalog",
+        "no_raw_usernames",
+    ) in names
     images_meta = result.asset_materializations_for_node("images")[0].metadata
     assert images_meta["dagster/row_count"].value == 30
     assert images_meta["quarantined"].value == 2
@@ -49,21 +57,27 @@ def test_all_assets_and_checks_pass(tmp_path, release):
 
 
 def test_catalog_answers_from_any_directory(tmp_path, release):
-    settings = ImageGemSettings(home=str(tmp_path / "home"), source="release", release_path=str(release))
+    settings = ImageGemSettings(
+        home=str(tmp_path / "home"), source="release", release_path=str(release)
+    )
     assert materialize(settings).success
     path = settings.catalog_path()
     code = (
-        "import duckdb; c = duckdb.connect(%r, read_only=True); "
+        f"import duckdb; c = duckdb.connect({path!r}, read_only=True); "
         "print(c.execute('SELECT count(*) FROM images').fetchone()[0], "
         "c.execute('SELECT count(*) FROM quarantine').fetchone()[0], "
-        "c.execute(\"SELECT normalize_prompt('A <lora:x:1> Dog')\").fetchone()[0])" % path
+        "c.execute(\"SELECT normalize_prompt('A <lora:x:1> Dog')\").fetchone()[0])"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True
+    )
     assert out.stdout.split() == ["30", "2", "a", "dog"]
 
 
 def test_rematerialize_converges_and_catalog_follows(tmp_path, release):
-    settings = ImageGemSettings(home=str(tmp_path / "home"), source="release", release_path=str(release))
+    settings = ImageGemSettings(
+        home=str(tmp_path / "home"), source="release", release_path=str(release)
+    )
     assert materialize(settings).success
     con = duckdb.connect(settings.catalog_path(), read_only=True)
     first = con.execute("SELECT * FROM images ORDER BY ALL").fetchall()
@@ -76,7 +90,9 @@ def test_rematerialize_converges_and_catalog_follows(tmp_path, release):
 def test_bad_release_fails_with_a_clear_message(tmp_path):
     release = write_release(tmp_path / "release", [image_row(1)], [model_row(1)])
     (release / "images" / "part-1.parquet").write_bytes(b"PAR1 truncated")
-    settings = ImageGemSettings(home=str(tmp_path / "home"), source="release", release_path=str(release))
+    settings = ImageGemSettings(
+        home=str(tmp_path / "home"), source="release", release_path=str(release)
+    )
     result = materialize(settings)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
@@ -96,7 +112,11 @@ def test_settings_from_env_bind_env_vars(monkeypatch, tmp_path):
     monkeypatch.setenv("IMAGEGEM_MAX_BROWSING_LEVEL", "3")
     monkeypatch.setenv("IMAGEGEM_USER_SALT", "pepper")
     plain = ImageGemSettings.from_env(bind_env_vars=False)
-    assert plain.home == str(tmp_path) and plain.max_browsing_level == 3 and plain.user_salt == "pepper"
+    assert (
+        plain.home == str(tmp_path)
+        and plain.max_browsing_level == 3
+        and plain.user_salt == "pepper"
+    )
     bound = ImageGemSettings.from_env()
     assert isinstance(bound.user_salt, dg.EnvVar)  # the UI shows the variable, never the value
     assert os.environ["IMAGEGEM_USER_SALT"] == "pepper"

@@ -103,9 +103,13 @@ def test_safety_filter_thresholds_are_configurable(tmp_path):
     release = write_release(tmp_path / "r", images, [model_row(1)])
     strict = run_warehouse(release, tmp_path / "a", CleanConfig(user_salt="s"))
     assert sorted(r[0] for r in strict.rows("images", "SELECT imageId")) == [1, 3]
-    lenient = run_warehouse(release, tmp_path / "b", CleanConfig(user_salt="s", max_browsing_level=3))
+    lenient = run_warehouse(
+        release, tmp_path / "b", CleanConfig(user_salt="s", max_browsing_level=3)
+    )
     assert sorted(r[0] for r in lenient.rows("images", "SELECT imageId")) == [1, 2, 3]
-    tight = run_warehouse(release, tmp_path / "c", CleanConfig(user_salt="s", toxicity_threshold=0.1))
+    tight = run_warehouse(
+        release, tmp_path / "c", CleanConfig(user_salt="s", toxicity_threshold=0.1)
+    )
     assert sorted(r[0] for r in tight.rows("images", "SELECT imageId")) == [1]
 
 
@@ -127,8 +131,13 @@ def test_model_rules(dirty):
     run, _, models = dirty
     reasons = sorted(r for r, *_ in quarantine(run, "models"))
     assert reasons == sorted(
-        ["negative sizeKB", "null modelVersionId", "unparseable publishedAt",
-         "unsafe: blocked nsfw level", "unsafe: toxic model text"]
+        [
+            "negative sizeKB",
+            "null modelVersionId",
+            "unparseable publishedAt",
+            "unsafe: blocked nsfw level",
+            "unsafe: toxic model text",
+        ]
     )
     rep = run.reports["models"]
     assert rep.duplicates == 1 and rep.rows_out == 3 and rep.reconciles

@@ -27,7 +27,9 @@ def test_failed_write_keeps_previous_version_readable(tmp_path):
         raise RuntimeError("killed")
     assert lake.current("t") == before
     assert lake.read_table("t").column("a").to_pylist() == [1]
-    assert sorted(p.name for p in (tmp_path / "t").iterdir() if p.name.startswith("version-")) == [before.name]
+    assert sorted(p.name for p in (tmp_path / "t").iterdir() if p.name.startswith("version-")) == [
+        before.name
+    ]
 
 
 def test_orphan_of_a_killed_run_is_pruned_and_old_versions_bounded(tmp_path):

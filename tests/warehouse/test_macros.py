@@ -30,7 +30,12 @@ def test_normalize_prompt(con):
     assert q(con, "SELECT normalize_prompt(?)", "<lora:x:1>") is None
     assert q(con, "SELECT normalize_prompt(?)", None) is None
     # tags and case do not make two prompts different
-    assert q(con, "SELECT normalize_prompt(?) = normalize_prompt(?)", "Dog <lora:a:1>", "dog <lora:b:0.3>")
+    assert q(
+        con,
+        "SELECT normalize_prompt(?) = normalize_prompt(?)",
+        "Dog <lora:a:1>",
+        "dog <lora:b:0.3>",
+    )
 
 
 def test_prompt_id_is_stable_and_short(con):

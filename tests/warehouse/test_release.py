@@ -64,7 +64,9 @@ def test_pandas_round_trip_types_are_accepted(tmp_path):
         elif f.name in ("imageId", "modelVersionId"):
             col = col.cast(pa.int32())
         elif f.name == "createdAt":
-            col = pa.array(np.array(["2023-06-01T12:00:00", "2023-06-02T00:00:00"], dtype="datetime64[us]"))
+            col = pa.array(
+                np.array(["2023-06-01T12:00:00", "2023-06-02T00:00:00"], dtype="datetime64[us]")
+            )
         elif f.name == "prompt":
             col = col.cast(pa.large_string())
         cols[f.name] = col
@@ -82,7 +84,10 @@ def test_fractional_value_in_integer_column_is_a_row_error(tmp_path):
     t = t.set_column(t.schema.get_field_index("steps"), "steps", pa.array([30.0, 30.5]))
     write_images(tmp_path, t)
     _, report, landed = land(tmp_path)
-    assert landed.column("_ingest_error").to_pylist() == [None, "non-integer value in integer column steps"]
+    assert landed.column("_ingest_error").to_pylist() == [
+        None,
+        "non-integer value in integer column steps",
+    ]
     assert report.row_errors == {"non-integer value in integer column steps": 1}
 
 
@@ -100,12 +105,18 @@ def test_invalid_utf8_is_a_row_error_not_a_crash(tmp_path):
     ("mutate", "message"),
     [
         (lambda t: t.drop_columns(["prompt"]), "missing column\\(s\\) prompt"),
-        (lambda t: t.rename_columns(["Prompt" if c == "prompt" else c for c in t.column_names]),
-         "missing column\\(s\\) prompt.*unexpected columns present: Prompt"),
-        (lambda t: t.set_column(t.schema.get_field_index("width"), "width", pa.array(["512"])),
-         "column 'width' has type string, expected int"),
-        (lambda t: t.set_column(t.schema.get_field_index("prompt"), "prompt", pa.array([1])),
-         "column 'prompt' has type int64, expected string"),
+        (
+            lambda t: t.rename_columns(["Prompt" if c == "prompt" else c for c in t.column_names]),
+            "missing column\\(s\\) prompt.*unexpected columns present: Prompt",
+        ),
+        (
+            lambda t: t.set_column(t.schema.get_field_index("width"), "width", pa.array(["512"])),
+            "column 'width' has type string, expected int",
+        ),
+        (
+            lambda t: t.set_column(t.schema.get_field_index("prompt"), "prompt", pa.array([1])),
+            "column 'prompt' has type int64, expected string",
+        ),
     ],
 )
 def test_file_level_schema_errors_name_file_and_column(tmp_path, mutate, message):
@@ -117,7 +128,9 @@ def test_file_level_schema_errors_name_file_and_column(tmp_path, mutate, message
 
 def test_bad_shard_fails_before_anything_is_committed(tmp_path):
     write_images(tmp_path, to_table([image_row(1)], IMAGES), "part-0.parquet")
-    write_images(tmp_path, to_table([image_row(2)], IMAGES).drop_columns(["seed"]), "part-1.parquet")
+    write_images(
+        tmp_path, to_table([image_row(2)], IMAGES).drop_columns(["seed"]), "part-1.parquet"
+    )
     with pytest.raises(ReleaseFormatError, match="part-1.parquet: missing column"):
         land(tmp_path)
     assert Lake(str(tmp_path / "lake")).current("raw/images") is None

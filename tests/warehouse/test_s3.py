@@ -36,8 +36,11 @@ def s3():
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id="testing",
-        aws_secret_access_key="testing", region_name="us-east-1",
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
     ).create_bucket(Bucket="imagegem")
     options = {**KEY, "client_kwargs": {"endpoint_url": endpoint}}
     yield options
@@ -47,7 +50,11 @@ def s3():
 def test_release_on_s3_lands_cleans_and_derives_into_an_s3_lake(s3):
     fs = s3fs.S3FileSystem(**s3)
     for name, rows, table in (
-        ("images", [image_row(i, 1 + i % 2) for i in range(1, 6)] + [image_row(9, width=-1)], IMAGES),
+        (
+            "images",
+            [image_row(i, 1 + i % 2) for i in range(1, 6)] + [image_row(9, width=-1)],
+            IMAGES,
+        ),
         ("models", [model_row(1), model_row(2)], MODELS),
     ):
         with fs.open(f"imagegem/release/{name}/part-0.parquet", "wb") as f:
@@ -57,13 +64,19 @@ def test_release_on_s3_lands_cleans_and_derives_into_an_s3_lake(s3):
     assert files == ["s3://imagegem/release/images/part-0.parquet"]
     lake = Lake("s3://imagegem/lake", s3)
     for table in (IMAGES, MODELS):
-        land_release_table(lake, f"raw/{table.name}", discover("s3://imagegem/release", table, s3), table, s3)
+        land_release_table(
+            lake, f"raw/{table.name}", discover("s3://imagegem/release", table, s3), table, s3
+        )
     con = connect(lake)
     cfg = CleanConfig(user_salt="s")
-    reports = [clean_release_table(con, lake, spec, cfg, LexiconScorer.bundled())
-               for spec in (models_spec(cfg), images_spec(cfg))]
+    reports = [
+        clean_release_table(con, lake, spec, cfg, LexiconScorer.bundled())
+        for spec in (models_spec(cfg), images_spec(cfg))
+    ]
     assert [r.rows_out for r in reports] == [2, 5]
     assert reports[1].reasons == {"non-positive width/height": 1}
     assert build_derived(con, lake, "users") == 2
     assert fs.exists(f"imagegem/lake/images/{lake.current('images').name}/part-00000.parquet")
-    assert con.execute(f"SELECT count(*) FROM read_parquet('{lake.glob('quarantine/images')}')").fetchone() == (1,)
+    assert con.execute(
+        f"SELECT count(*) FROM read_parquet('{lake.glob('quarantine/images')}')"
+    ).fetchone() == (1,)
