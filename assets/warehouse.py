@@ -278,8 +278,9 @@ def warehouse_catalog(
     """The DuckDB catalog file ``$IMAGEGEM_HOME/warehouse.duckdb``: one view per lake table
     plus the prompt macros, rebuilt atomically by one writer (pool ``warehouse``). Open it
     with any DuckDB client, from any directory: ``duckdb -readonly data/warehouse.duckdb``."""
-    report = build_catalog(imagegem.lake(), imagegem.catalog_path())
-    con = connect_readonly(report.path)
+    lake = imagegem.lake()
+    report = build_catalog(lake, imagegem.catalog_path())
+    con = connect_readonly(report.path, lake)
     answers = []
     for name, sql in questions().items():
         if "getvariable" in sql:
@@ -304,7 +305,7 @@ def warehouse_catalog(
     description="No raw username in any table: every userHash is 64 lowercase hex.",
 )
 def no_raw_usernames(imagegem: ImageGemSettings) -> dg.AssetCheckResult:
-    con = connect_readonly(imagegem.catalog_path())
+    con = connect_readonly(imagegem.catalog_path(), imagegem.lake())
     offenders: dict[str, int] = {}
     pattern = USER_HASH_PATTERN[1:-1]
     # Distinct values first (tens of thousands of users, millions of rows), then the regex.

@@ -40,9 +40,10 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
     from warehouse.catalog import connect_readonly
 
-    path = args.catalog or _settings().catalog_path()
+    settings = _settings()
+    path = args.catalog or settings.catalog_path()
     try:
-        con = connect_readonly(path)
+        con = connect_readonly(path, settings.lake())
         for name, value in args.var or []:
             con.execute(
                 f"SET VARIABLE {name} = ?", [int(value) if value.lstrip("-").isdigit() else value]
@@ -59,8 +60,9 @@ def cmd_tour(args: argparse.Namespace) -> int:
     from warehouse.catalog import connect_readonly
     from warehouse.sqlfiles import questions
 
-    path = _settings().catalog_path()
-    con = connect_readonly(path)
+    settings = _settings()
+    path = settings.catalog_path()
+    con = connect_readonly(path, settings.lake())
     print(f"\nThe warehouse catalog is {path}")
     print(
         f'Query it with:  .venv/bin/imagegem sql "SELECT * FROM loras LIMIT 5"  (or duckdb -readonly {path})\n'

@@ -57,6 +57,31 @@ def run_warehouse(release: Path, lake_root: Path, cfg: CleanConfig | None = None
     return WarehouseRun(lake, con, reports)
 
 
+@pytest.fixture(scope="session")
+def s3():
+    """A local S3 (moto server on 127.0.0.1) with a bucket ``imagegem``; yields s3fs options."""
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket="imagegem")
+    yield {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
+    server.stop()
+
+
 @pytest.fixture
 def tiny_release(tmp_path: Path) -> Path:
     images = [image_row(i, 1 + i % 3) for i in range(1, 11)]

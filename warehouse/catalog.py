@@ -41,12 +41,12 @@ class CatalogReport:
 
 
 def build_catalog(lake: Lake, path: str) -> CatalogReport:
-    """Write the catalog at ``path`` with a view per committed table; atomic replace."""
-    if lake.remote:
-        raise ValueError(
-            "a remote lake needs a local catalog path (IMAGEGEM_CATALOG); "
-            "its views read s3:// through a filesystem the client registers"
-        )
+    """Write the catalog at ``path`` with a view per committed table; atomic replace.
+
+    For a lake on S3 the views read ``s3://`` paths: a client opening the catalog registers
+    an fsspec filesystem first (``connect_readonly(path, lake)`` does), since DuckDB's httpfs
+    extension is not available offline.
+    """
     report = CatalogReport(path=os.path.abspath(path))
     directory = os.path.dirname(report.path) or "."
     os.makedirs(directory, exist_ok=True)
@@ -55,6 +55,8 @@ def build_catalog(lake: Lake, path: str) -> CatalogReport:
     os.unlink(tmp)  # DuckDB creates the file itself
     try:
         con = duckdb.connect(tmp)
+        if lake.remote:
+            con.register_filesystem(lake.fs)
         try:
             install_macros(con)
             for table in CATALOG_TABLES:
@@ -86,11 +88,17 @@ def build_catalog(lake: Lake, path: str) -> CatalogReport:
     return report
 
 
-def connect_readonly(path: str) -> duckdb.DuckDBPyConnection:
-    """A read-only connection to the catalog (many readers may hold one at once)."""
+def connect_readonly(path: str, lake: Lake | None = None) -> duckdb.DuckDBPyConnection:
+    """A read-only connection to the catalog (many readers may hold one at once).
+
+    Pass the ``lake`` when it is remote, so the views' ``s3://`` paths can be read.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"no warehouse catalog at {path}: run `make demo` (or materialize the "
             "warehouse_catalog asset) first"
         )
-    return duckdb.connect(path, read_only=True)
+    con = duckdb.connect(path, read_only=True)
+    if lake is not None and lake.remote:
+        con.register_filesystem(lake.fs)
+    return con

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import socket
-
-import boto3
 import pyarrow.parquet as pq
-import pytest
 import s3fs
 
 from tests.factory import image_row, model_row, to_table
@@ -17,35 +13,6 @@ from warehouse.release import discover, land_release_table
 from warehouse.safety import LexiconScorer
 from warehouse.schema import IMAGES, MODELS
 from warehouse.tables import build_derived
-
-KEY = {"key": "testing", "secret": "testing"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    ).create_bucket(Bucket="imagegem")
-    options = {**KEY, "client_kwargs": {"endpoint_url": endpoint}}
-    yield options
-    server.stop()
-
 
 def test_release_on_s3_lands_cleans_and_derives_into_an_s3_lake(s3):
     fs = s3fs.S3FileSystem(**s3)
