@@ -14,6 +14,7 @@ from warehouse.safety import LexiconScorer
 from warehouse.schema import IMAGES, MODELS
 from warehouse.tables import build_derived
 
+
 def test_release_on_s3_lands_cleans_and_derives_into_an_s3_lake(s3):
     fs = s3fs.S3FileSystem(**s3)
     for name, rows, table in (
