@@ -68,7 +68,13 @@ def _landing_asset(table_name: str) -> dg.AssetsDefinition:
         try:
             files = discover(imagegem.release_root(), table, imagegem.storage_options())
             report = land_release_table(
-                lake, f"raw/{table_name}", files, table, imagegem.storage_options(), context.log
+                lake,
+                f"raw/{table_name}",
+                files,
+                table,
+                imagegem.user_salt,
+                imagegem.storage_options(),
+                context.log,
             )
         except ReleaseFormatError as exc:
             raise dg.Failure(description=str(exc), metadata={"table": table_name}) from exc
@@ -87,6 +93,7 @@ def _landing_asset(table_name: str) -> dg.AssetsDefinition:
                 "bytes_read": dg.MetadataValue.int(report.bytes_read),
                 "rows_per_second": round(report.rows / max(seconds, 1e-6)),
                 "rows_with_ingest_errors": sum(report.row_errors.values()),
+                "raw_usernames_hashed": report.raw_usernames_hashed,
                 "ingest_errors": dg.MetadataValue.md(
                     markdown_table(["error", "rows"], errors) if errors else "none"
                 ),

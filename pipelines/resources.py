@@ -120,7 +120,6 @@ class ImageGemSettings(dg.ConfigurableResource):
     # -- helpers for the warehouse layer -------------------------------------------------------
     def clean_config(self) -> CleanConfig:
         return CleanConfig(
-            user_salt=self.user_salt,
             max_browsing_level=self.max_browsing_level,
             toxicity_threshold=self.toxicity_threshold,
             max_prompt_chars=self.max_prompt_chars,

@@ -41,11 +41,13 @@ class WarehouseRun:
 
 def run_warehouse(release: Path, lake_root: Path, cfg: CleanConfig | None = None) -> WarehouseRun:
     """Land, clean and derive every table with the plain functions the assets call."""
-    cfg = cfg or CleanConfig(user_salt=SALT)
+    cfg = cfg or CleanConfig()
     lake = Lake(str(lake_root))
     log = logging.getLogger("test")
     for table in (IMAGES, MODELS):
-        land_release_table(lake, f"raw/{table.name}", discover(str(release), table), table, log=log)
+        land_release_table(
+            lake, f"raw/{table.name}", discover(str(release), table), table, SALT, log=log
+        )
     con = connect(lake)
     reports = {}
     for spec in (models_spec(cfg), images_spec(cfg)):

@@ -32,7 +32,6 @@ from warehouse.schema import (
     MODELS,
     SOURCE_FILE,
     SOURCE_ROW,
-    USER_HASH_PATTERN,
     Kind,
     ReleaseTable,
 )
@@ -58,7 +57,6 @@ PAYLOAD_MAX_CHARS = 65_536  # per text field of a quarantined payload
 class CleanConfig:
     """Cleaning and safety settings (the paper's defaults)."""
 
-    user_salt: str
     max_browsing_level: int = 1
     toxicity_threshold: float = 0.2
     max_prompt_chars: int = 16_384
@@ -67,8 +65,6 @@ class CleanConfig:
     source: str = "release"
 
     def __post_init__(self) -> None:
-        if not self.user_salt:
-            raise ValueError("user_salt must be a non-empty string (IMAGEGEM_USER_SALT)")
         if not 0.0 <= self.toxicity_threshold <= 1.0:
             raise ValueError(f"toxicity_threshold {self.toxicity_threshold} not in [0, 1]")
         if self.max_prompt_chars <= 0:
@@ -227,26 +223,14 @@ def models_spec(cfg: CleanConfig) -> CleanSpec:
 # -- the engine -------------------------------------------------------------------------------
 
 
-def user_hash_sql(column: str, salt_param: str = "$salt") -> str:
-    """A release userHash kept (lower-cased) when it is a hash, else salted-SHA-256 hashed."""
-    value = f"trim({column})"
-    return (
-        f"CASE WHEN {column} IS NULL OR {value} = '' THEN NULL "
-        f"WHEN regexp_full_match(lower({value}), '{USER_HASH_PATTERN[1:-1]}') THEN lower({value}) "
-        f"ELSE sha256({salt_param} || {value}) END"
-    )
-
-
 def _typed_select(table: ReleaseTable) -> str:
-    """The raw row in clean types; userHash through the small ``_users`` lookup."""
+    """The raw row in clean types (users were already hashed at landing)."""
     parts = []
     for column, kind in table.columns:
         name = f'"{column}"'
         if kind is Kind.TIMESTAMP_TEXT:
             parts.append(f"{_ts(name)} AS {name}")
             parts.append(f'{name} AS "_raw_{column}"')
-        elif column == "userHash":
-            parts.append('_users.hashed AS "userHash"')
         else:
             parts.append(f"_raw.{name}")
     parts += [SOURCE_FILE, SOURCE_ROW, INGEST_ERROR]
@@ -302,7 +286,7 @@ def _create_stage(con: duckdb.DuckDBPyConnection, spec: CleanSpec, scorer_name: 
     CREATE OR REPLACE TEMP VIEW _checked AS
     WITH typed AS (
         SELECT {_typed_select(table)}
-        FROM _raw LEFT JOIN _users ON _users.raw = _raw."userHash"
+        FROM _raw
     )
     SELECT typed.*, {_first_rule(rules, "reason")} AS _rule_reason,
            {_first_rule(rules, "detail")} AS _rule_detail,
@@ -373,11 +357,6 @@ def clean_release_table(
     rows_in = con.execute("SELECT count(*) FROM _raw").fetchone()[0]
     log.info(f"{spec.step}: {rows_in:,} raw rows; scoring distinct texts with {scorer.name}")
     _score_texts(con, spec, scorer)
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE _users AS SELECT raw, "
-        f'{user_hash_sql("raw")} AS hashed FROM (SELECT DISTINCT "userHash" AS raw FROM _raw)',
-        {"salt": cfg.user_salt},
-    )
     keys = ", ".join(f'"{k}" AS _k{i}' for i, k in enumerate(table.key))
     not_null = " AND ".join(f'"{k}" IS NOT NULL' for k in table.key)
     con.execute(
@@ -419,7 +398,7 @@ def clean_release_table(
         report.reasons["exact duplicate"] = report.duplicates
     con.execute(
         "DROP VIEW _stage; DROP TABLE _ranked_dups; DROP VIEW _checked; DROP TABLE _tox; "
-        "DROP TABLE _users; DROP TABLE _dupkeys; DROP VIEW _raw"
+        "DROP TABLE _dupkeys; DROP VIEW _raw"
     )
     return report
 

@@ -31,6 +31,7 @@ from warehouse.schema import (
     ReleaseTable,
     raw_landing_schema,
 )
+from warehouse.users import normalize_user_hashes
 
 BATCH_ROWS = 131_072
 
@@ -48,6 +49,7 @@ class LandingReport:
     rows: int = 0
     bytes_read: int = 0
     row_errors: dict[str, int] = field(default_factory=dict)
+    raw_usernames_hashed: int = 0
     version: str = ""
 
 
@@ -220,9 +222,18 @@ def _coerce_timestamp_text(arr: pa.Array, column: str, errors: RowErrors) -> pa.
 
 
 def coerce_batch(
-    batch: pa.RecordBatch, table: ReleaseTable, source_file: str, first_row: int
+    batch: pa.RecordBatch,
+    table: ReleaseTable,
+    source_file: str,
+    first_row: int,
+    user_salt: str,
+    counters: dict[str, int] | None = None,
 ) -> pa.RecordBatch:
-    """One release batch in canonical types with lineage columns (see raw_landing_schema)."""
+    """One release batch in canonical types with lineage columns (see raw_landing_schema).
+
+    ``userHash`` is normalised here (raw usernames salted-hashed), so no raw username ever
+    reaches the lake; ``counters["raw_usernames_hashed"]`` counts them.
+    """
     n = batch.num_rows
     errors: RowErrors = [None] * n
     columns: list[pa.Array] = []
@@ -240,6 +251,10 @@ def coerce_batch(
             columns.append(_coerce_string(arr, column, errors))
         else:
             columns.append(_coerce_timestamp_text(arr, column, errors))
+        if column == "userHash":
+            columns[-1], n_raw = normalize_user_hashes(columns[-1], user_salt)
+            if counters is not None and n_raw:
+                counters["raw_usernames_hashed"] = counters.get("raw_usernames_hashed", 0) + n_raw
     columns.append(pa.array([source_file] * n, type=pa.string()))
     columns.append(pa.array(np.arange(first_row, first_row + n, dtype=np.int64)))
     columns.append(pa.array(errors, type=pa.string()))
@@ -247,7 +262,12 @@ def coerce_batch(
 
 
 def iter_landing_batches(
-    path: str, table: ReleaseTable, fs, batch_rows: int = BATCH_ROWS
+    path: str,
+    table: ReleaseTable,
+    fs,
+    user_salt: str,
+    batch_rows: int = BATCH_ROWS,
+    counters: dict[str, int] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Stream one release file as canonical batches (schema validated before the first batch)."""
     parquet = open_parquet(path, fs)
@@ -255,7 +275,7 @@ def iter_landing_batches(
     row = 0
     try:
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=table.column_names):
-            yield coerce_batch(batch, table, path, row)
+            yield coerce_batch(batch, table, path, row, user_salt, counters)
             row += batch.num_rows
     except (pa.ArrowInvalid, OSError) as exc:
         raise ReleaseFormatError(f"{path}: unreadable at row {row} ({exc})") from exc
@@ -266,6 +286,7 @@ def land_release_table(
     landing_table: str,
     files: list[str],
     table: ReleaseTable,
+    user_salt: str,
     storage_options: dict | None = None,
     log: logging.Logger | None = None,
     workers: int = 2,
@@ -295,7 +316,8 @@ def land_release_table(
         with lake.fs.open(version.part(index), "wb") as sink:
             writer = pq.ParquetWriter(sink, schema, compression="zstd", compression_level=1)
             try:
-                for batch in iter_landing_batches(path, table, fs):
+                counters: dict[str, int] = {}
+                for batch in iter_landing_batches(path, table, fs, user_salt, counters=counters):
                     writer.write_batch(batch)
                     errors = batch.column(INGEST_ERROR)
                     messages = (
@@ -305,6 +327,7 @@ def land_release_table(
                         for message in messages:
                             report.row_errors[message] = report.row_errors.get(message, 0) + 1
                         report.rows += batch.num_rows
+                        report.raw_usernames_hashed += counters.pop("raw_usernames_hashed", 0)
                         progress.advance(batch.num_rows)
             finally:
                 writer.close()

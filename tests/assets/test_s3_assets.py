@@ -18,7 +18,10 @@ def test_materialize_with_s3_release_and_s3_lake(s3, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3["secret"])
     fs = s3fs.S3FileSystem(**s3)
     images = [image_row(i, 1 + i % 2) for i in range(1, 8)] + [image_row(50, browsingLevel=16)]
-    for name, rows, table in (("images", images, IMAGES), ("models", [model_row(1), model_row(2)], MODELS)):
+    for name, rows, table in (
+        ("images", images, IMAGES),
+        ("models", [model_row(1), model_row(2)], MODELS),
+    ):
         with fs.open(f"imagegem/assets-release/{name}/part-0.parquet", "wb") as f:
             pq.write_table(to_table(rows, table), f)
 

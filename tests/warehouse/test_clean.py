@@ -101,15 +101,11 @@ def test_release_hashes_are_kept_lowercased(tmp_path):
 def test_safety_filter_thresholds_are_configurable(tmp_path):
     images = [image_row(1), image_row(2, browsingLevel=2), image_row(3, prompt="a bloody steak")]
     release = write_release(tmp_path / "r", images, [model_row(1)])
-    strict = run_warehouse(release, tmp_path / "a", CleanConfig(user_salt="s"))
+    strict = run_warehouse(release, tmp_path / "a", CleanConfig())
     assert sorted(r[0] for r in strict.rows("images", "SELECT imageId")) == [1, 3]
-    lenient = run_warehouse(
-        release, tmp_path / "b", CleanConfig(user_salt="s", max_browsing_level=3)
-    )
+    lenient = run_warehouse(release, tmp_path / "b", CleanConfig(max_browsing_level=3))
     assert sorted(r[0] for r in lenient.rows("images", "SELECT imageId")) == [1, 2, 3]
-    tight = run_warehouse(
-        release, tmp_path / "c", CleanConfig(user_salt="s", toxicity_threshold=0.1)
-    )
+    tight = run_warehouse(release, tmp_path / "c", CleanConfig(toxicity_threshold=0.1))
     assert sorted(r[0] for r in tight.rows("images", "SELECT imageId")) == [1]
 
 

@@ -16,7 +16,7 @@ from warehouse.schema import IMAGES, MODELS
 def land(tmp_path, table=IMAGES):
     lake = Lake(str(tmp_path / "lake"))
     files = discover(str(tmp_path / "release"), table)
-    report = land_release_table(lake, f"raw/{table.name}", files, table)
+    report = land_release_table(lake, f"raw/{table.name}", files, table, "salt")
     return lake, report, lake.read_table(f"raw/{table.name}")
 
 
@@ -156,3 +156,31 @@ def test_zero_row_file_is_fine(tmp_path):
     write_images(tmp_path, to_table([], IMAGES))
     _, report, landed = land(tmp_path)
     assert report.rows == 0 == landed.num_rows
+
+
+def test_raw_usernames_are_hashed_at_landing_and_never_stored(tmp_path):
+    from warehouse.users import salted_user_hash
+
+    hashed = "AB" * 32  # an upper-case release hash: kept, lower-cased
+    rows = [
+        image_row(1, userHash="  Pixel_Wizard_42 "),
+        image_row(2, userHash=hashed),
+        image_row(3, userHash=""),
+    ]
+    write_images(tmp_path, to_table(rows, IMAGES))
+    lake, report, landed = land(tmp_path)
+    assert landed.column("userHash").to_pylist() == [
+        salted_user_hash("Pixel_Wizard_42", "salt"),
+        hashed.lower(),
+        None,
+    ]
+    assert report.raw_usernames_hashed == 1
+    for path in (tmp_path / "lake").rglob("*.parquet"):
+        assert b"Pixel_Wizard" not in path.read_bytes()
+
+
+def test_hashing_needs_a_salt():
+    from warehouse.users import normalize_user_hashes
+
+    with pytest.raises(ValueError, match="salt"):
+        normalize_user_hashes(pa.array(["x"]), "")

@@ -33,10 +33,15 @@ def test_release_on_s3_lands_cleans_and_derives_into_an_s3_lake(s3):
     lake = Lake("s3://imagegem/lake", s3)
     for table in (IMAGES, MODELS):
         land_release_table(
-            lake, f"raw/{table.name}", discover("s3://imagegem/release", table, s3), table, s3
+            lake,
+            f"raw/{table.name}",
+            discover("s3://imagegem/release", table, s3),
+            table,
+            "salt",
+            s3,
         )
     con = connect(lake)
-    cfg = CleanConfig(user_salt="s")
+    cfg = CleanConfig()
     reports = [
         clean_release_table(con, lake, spec, cfg, LexiconScorer.bundled())
         for spec in (models_spec(cfg), images_spec(cfg))
