@@ -22,8 +22,7 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 
 ## demo: generate the embedded sample, materialize every asset, print example SQL answers
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster asset materialize -m pipelines.definitions --select '*'
-	$(BIN)/imagegem tour
+	$(BIN)/imagegem demo
 
 ## test: the whole test suite (CI runs this)
 test: $(STAMP)

@@ -4,6 +4,7 @@ import time
 
 import dagster as dg
 
+from assets.civitai import civitai_release
 from pipelines.resources import ImageGemSettings
 from pipelines.sources import list_release
 from warehouse.duck import quote
@@ -14,7 +15,12 @@ from warehouse.schema import RELEASE_TABLES
 GROUP = "ingest"
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet", "python"})
+@dg.asset(
+    group_name=GROUP,
+    deps=[civitai_release],
+    kinds={"parquet", "python"},
+    automation_condition=dg.AutomationCondition.eager(),
+)
 def release_files(
     context: dg.AssetExecutionContext, imagegem: ImageGemSettings
 ) -> dg.MaterializeResult:
@@ -22,7 +28,8 @@ def release_files(
 
     ``IMAGEGEM_SOURCE=sample`` generates the embedded ImageGem-shaped sample (with planted
     truth) under ``$IMAGEGEM_HOME/sources/sample``; ``release`` lists the published files at
-    ``IMAGEGEM_RELEASE_PATH`` (local or ``s3://``). Every file's schema is checked here, from
+    ``IMAGEGEM_RELEASE_PATH`` (local or ``s3://``); ``civitai`` lists what the crawl built
+    (``civitai_release``). Every file's schema is checked here, from
     its footer, so a bad shard stops the run before any row is read.
     """
     try:
@@ -53,6 +60,7 @@ def _landing_asset(table_name: str) -> dg.AssetsDefinition:
         group_name=GROUP,
         deps=[release_files],
         kinds={"parquet", "pyarrow"},
+        automation_condition=dg.AutomationCondition.eager(),
         description=(
             f"The release `{table_name}` table landed in canonical types ({len(table.columns)} "
             "ImageGem columns + lineage `_source_file`, `_source_row`, `_ingest_error`), "

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 
 from assets.ingest import raw_images, raw_models
 from pipelines.resources import ImageGemSettings
-from warehouse.catalog import build_catalog, connect_readonly
+from warehouse.catalog import QUARANTINE_PARTS, build_catalog, connect_readonly
 from warehouse.clean import (
     CleanSpec,
     StepReport,
@@ -84,6 +84,7 @@ def _clean_asset(table: ReleaseTable, raw: dg.AssetsDefinition, spec_for) -> dg.
         group_name=GROUP,
         deps=[raw],
         kinds={"duckdb", "parquet"},
+        automation_condition=dg.AutomationCondition.eager(),
         check_specs=[dg.AssetCheckSpec(c, asset=table.name) for c in CLEAN_CHECKS],
         description=(
             f"The clean ImageGem `{table.name}` table (release shape, {len(table.columns)} "
@@ -173,6 +174,7 @@ def _derived_asset(name: str) -> dg.AssetsDefinition:
         group_name=GROUP,
         deps=upstream,
         kinds={"duckdb", "parquet"},
+        automation_condition=dg.AutomationCondition.eager(),
         check_specs=[dg.AssetCheckSpec("unique_key", asset=name)],
         description=table.description,
     )
@@ -203,6 +205,7 @@ derived_assets = [_derived_asset(n) for n in DERIVED]
     group_name=GROUP,
     deps=[images, models],
     kinds={"duckdb"},
+    automation_condition=dg.AutomationCondition.eager(),
     check_specs=[dg.AssetCheckSpec("every_row_has_a_reason", asset="quarantine")],
 )
 def quarantine(
@@ -215,7 +218,7 @@ def quarantine(
     """
     lake, con = imagegem.lake(), imagegem.duck()
     union = " UNION ALL BY NAME ".join(
-        f"SELECT * FROM {_read(lake, p)}" for p in ("quarantine/images", "quarantine/models")
+        f"SELECT * FROM {_read(lake, p)}" for p in QUARANTINE_PARTS if lake.current(p) is not None
     )
     by_reason = con.execute(
         f"SELECT step, reason, count(*) AS n FROM ({union}) GROUP BY ALL ORDER BY n DESC"
@@ -246,7 +249,12 @@ def quarantine(
     )
 
 
-@dg.asset(group_name=GROUP, deps=[images, models, quarantine], kinds={"duckdb"})
+@dg.asset(
+    group_name=GROUP,
+    deps=[images, models, quarantine],
+    kinds={"duckdb"},
+    automation_condition=dg.AutomationCondition.eager(),
+)
 def table1_stats(
     context: dg.AssetExecutionContext, imagegem: ImageGemSettings
 ) -> dg.MaterializeResult:

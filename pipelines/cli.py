@@ -86,6 +86,39 @@ def cmd_tour(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The product tour: sample → local fake Civitai → crawl, warehouse, media → SQL answers."""
+    import dagster as dg
+
+    from pipelines.civitai.fake_server import serve_sample
+    from pipelines.runner import materialize_all
+    from pipelines.sample.generator import SampleSpec
+    from pipelines.sources import ensure_sample
+
+    log = logging.getLogger("imagegem.demo")
+    logging.getLogger("imagegem").setLevel(logging.INFO)
+    settings = _settings()
+    if settings.source != "sample":
+        result = materialize_all(settings, dg.DagsterInstance.get())
+        return cmd_tour(args) if result.success else 1
+    sample = settings.sample_dir()
+    ensure_sample(sample, SampleSpec(users=settings.sample_users, seed=settings.sample_seed), log)
+    with serve_sample(sample) as server:
+        print(f"fake Civitai serving the sample at {server.url} (crawl and downloads use it)")
+        demo = settings.with_overrides(civitai_base_url=server.url, civitai_rate_limit=0)
+        result = materialize_all(demo, dg.DagsterInstance.get(), raise_on_error=False)
+    if not result.success:
+        print("some steps failed: see the run in the Dagster UI (make ui)", file=sys.stderr)
+        return 1
+    return cmd_tour(args)
+
+
+def cmd_fake_civitai(args: argparse.Namespace) -> int:
+    from pipelines.civitai.fake_server import run
+
+    return run(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from pipelines.bench import run_benchmark
 
@@ -130,6 +163,15 @@ def main(argv: list[str] | None = None) -> int:
         "tour", help="print where the warehouse is and the example questions' answers"
     )
     p.set_defaults(func=cmd_tour)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the sample, served by a local fake Civitai")
+    p.set_defaults(func=cmd_demo)
+
+    from pipelines.civitai.fake_server import add_arguments as fake_civitai_arguments
+
+    p = sub.add_parser("fake-civitai", help="serve a sample release through the Civitai API v1")
+    fake_civitai_arguments(p)
+    p.set_defaults(func=cmd_fake_civitai)
 
     p = sub.add_parser("bench", help="full-scale ingest + clean + catalog benchmark")
     p.add_argument("--work", default="bench/out")

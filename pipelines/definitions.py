@@ -1,10 +1,8 @@
-"""The Dagster code location: assets, checks, jobs and the configuration resource."""
-
-from __future__ import annotations
+"""The Dagster code location: assets, checks, jobs, schedules, sensors and the resource."""
 
 import dagster as dg
 
-from assets import ingest, warehouse
+from assets import civitai, ingest, warehouse
 from pipelines.resources import ImageGemSettings
 
 all_assets_job = dg.define_asset_job(
@@ -13,9 +11,26 @@ all_assets_job = dg.define_asset_job(
     description="Materialize every asset (and run every check) on the configured source.",
 )
 
+# Brings every downstream table up to date when new raw data lands (eager conditions).
+warehouse_automation = dg.AutomationConditionSensorDefinition(
+    "warehouse_automation",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Materializes assets whose eager automation condition fires (new crawl pages → clean tables → catalog).",
+)
+
 defs = dg.Definitions(
-    assets=[ingest.release_files, ingest.raw_images, ingest.raw_models, *warehouse.ALL_ASSETS],
+    assets=[
+        civitai.civitai_pages,
+        civitai.civitai_release,
+        ingest.release_files,
+        ingest.raw_images,
+        ingest.raw_models,
+        *warehouse.ALL_ASSETS,
+    ],
     asset_checks=warehouse.ALL_CHECKS,
-    jobs=[all_assets_job],
+    jobs=[all_assets_job, civitai.crawl_job],
+    schedules=[civitai.civitai_daily_refresh],
+    sensors=[warehouse_automation],
     resources={"imagegem": ImageGemSettings.from_env()},
 )

@@ -12,6 +12,10 @@
 | ``IMAGEGEM_DUCKDB_MEMORY`` | DuckDB memory limit for pipeline writers | ``2GB`` |
 | ``IMAGEGEM_SAMPLE_USERS`` / ``IMAGEGEM_SAMPLE_SEED`` | size and seed of the sample | ``500`` / ``0`` |
 | ``IMAGEGEM_S3_ENDPOINT_URL`` | S3 endpoint (MinIO, moto); credentials from the AWS vars | — |
+| ``CIVITAI_BASE_URL`` | Civitai site (or the local fake server) for crawl and downloads | — (crawl off) |
+| ``CIVITAI_API_TOKEN`` | API token, sent as ``Authorization: Bearer`` (secret) | — |
+| ``CIVITAI_RATE_LIMIT`` | requests per second to the API | ``5`` |
+| ``IMAGEGEM_CRAWL_START`` | first daily crawl partition (YYYY-MM-DD) | today |
 
 In Dagster the values that come from the environment are bound as ``dg.EnvVar`` so the UI
 shows their source and never their value; the CLI builds the same class with plain values.
@@ -44,8 +48,11 @@ ENV_FIELDS: dict[str, tuple[str, bool]] = {
     "sample_users": ("IMAGEGEM_SAMPLE_USERS", True),
     "sample_seed": ("IMAGEGEM_SAMPLE_SEED", True),
     "s3_endpoint_url": ("IMAGEGEM_S3_ENDPOINT_URL", False),
+    "civitai_base_url": ("CIVITAI_BASE_URL", False),
+    "civitai_api_token": ("CIVITAI_API_TOKEN", False),
+    "civitai_rate_limit": ("CIVITAI_RATE_LIMIT", True),
 }
-SOURCES = ("sample", "release")
+SOURCES = ("sample", "release", "civitai")
 
 
 class ImageGemSettings(dg.ConfigurableResource):
@@ -65,6 +72,9 @@ class ImageGemSettings(dg.ConfigurableResource):
     sample_users: int = 500
     sample_seed: int = 0
     s3_endpoint_url: str | None = None
+    civitai_base_url: str | None = None
+    civitai_api_token: str | None = None
+    civitai_rate_limit: int = 5
 
     @classmethod
     def from_env(cls, bind_env_vars: bool = True) -> ImageGemSettings:
@@ -78,6 +88,11 @@ class ImageGemSettings(dg.ConfigurableResource):
             else:
                 values[name] = int(os.environ[var]) if is_int else os.environ[var]
         return cls(**values)
+
+    def with_overrides(self, **values: object) -> ImageGemSettings:
+        """A copy with some fields replaced (Dagster rebuilds resources from their init args,
+        so ``model_copy`` would not reach the assets)."""
+        return type(self)(**{**self.model_dump(), **values})
 
     # -- derived locations ---------------------------------------------------------------------
     def home_root(self) -> str:
@@ -105,14 +120,24 @@ class ImageGemSettings(dg.ConfigurableResource):
         base = os.path.abspath("data") if is_remote(self.home) else self.home_root()
         return os.path.join(base, "sources", "sample")
 
+    def civitai_release_dir(self) -> str:
+        """Where the crawl's pages, mapped to the release format, are written."""
+        return posixpath.join(self.home_root(), "sources", "civitai")
+
+    def crawl_enabled(self) -> bool:
+        """The crawl runs for the civitai source, or wherever a Civitai base URL is set."""
+        return self.source == "civitai" or bool(self.civitai_base_url)
+
     def release_root(self) -> str:
-        """The release folder the ingest reads: the generated sample, or the configured path."""
+        """The release folder the ingest reads: the sample, the crawl's, or the configured one."""
         if self.source not in SOURCES:
             raise ValueError(
                 f"IMAGEGEM_SOURCE={self.source!r}: expected one of {', '.join(SOURCES)}"
             )
         if self.source == "sample":
             return self.sample_dir()
+        if self.source == "civitai":
+            return self.civitai_release_dir()
         if not self.release_path:
             raise ValueError("IMAGEGEM_SOURCE=release needs IMAGEGEM_RELEASE_PATH")
         return self.release_path

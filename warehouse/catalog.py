@@ -30,7 +30,7 @@ CATALOG_TABLES = (
     "interactions",
     "table1_stats",
 )
-QUARANTINE_PARTS = ("quarantine/images", "quarantine/models")
+QUARANTINE_PARTS = ("quarantine/images", "quarantine/models", "quarantine/civitai")
 
 
 @dataclass

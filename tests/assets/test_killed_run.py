@@ -9,30 +9,23 @@ import sys
 import time
 from pathlib import Path
 
-import dagster as dg
 import duckdb
 
-from pipelines.definitions import defs
 from pipelines.resources import ImageGemSettings
+from pipelines.runner import materialize_all
 
 TABLES = ("images", "models", "users", "loras", "image_loras", "prompts", "interactions")
 
 CHILD = """
 import dagster as dg
-from pipelines.definitions import defs
+from pipelines.runner import materialize_all
 from pipelines.resources import ImageGemSettings
-dg.materialize([*defs.assets, *defs.asset_checks],
-               resources={"imagegem": ImageGemSettings(home=%r, sample_users=%d)},
-               instance=dg.DagsterInstance.ephemeral())
+materialize_all(ImageGemSettings(home=%r, sample_users=%d))
 """
 
 
 def materialize(home: Path, users: int) -> None:
-    result = dg.materialize(
-        [*defs.assets, *defs.asset_checks],
-        resources={"imagegem": ImageGemSettings(home=str(home), sample_users=users)},
-        instance=dg.DagsterInstance.ephemeral(),
-    )
+    result = materialize_all(ImageGemSettings(home=str(home), sample_users=users))
     assert result.success
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dagster as dg
 import pyarrow.parquet as pq
 import s3fs
 
-from pipelines.definitions import defs
 from pipelines.resources import ImageGemSettings
+from pipelines.runner import materialize_all
 from tests.factory import image_row, model_row, to_table
 from warehouse.catalog import connect_readonly
 from warehouse.schema import IMAGES, MODELS
@@ -32,11 +31,7 @@ def test_materialize_with_s3_release_and_s3_lake(s3, tmp_path, monkeypatch):
         catalog=str(tmp_path / "warehouse.duckdb"),
         s3_endpoint_url=s3["client_kwargs"]["endpoint_url"],
     )
-    result = dg.materialize(
-        [*defs.assets, *defs.asset_checks],
-        resources={"imagegem": settings},
-        instance=dg.DagsterInstance.ephemeral(),
-    )
+    result = materialize_all(settings)
     assert result.success
     assert all(c.passed for c in result.get_asset_check_evaluations())
     assert fs.exists(f"imagegem/home/lake/images/{settings.lake().current('images').name}")

@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import dagster as dg
 import duckdb
 import pytest
 
-from pipelines.definitions import defs
 from pipelines.resources import ImageGemSettings
+from pipelines.runner import materialize_all
 from tests.sample.sample_queries import connect as connect_truth
 from warehouse.sqlfiles import questions
 from warehouse.stats import PAPER_RATIOS
@@ -27,11 +26,7 @@ SALT = "e2e-salt"
 def world(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     settings = ImageGemSettings(home=str(home), user_salt=SALT)
-    result = dg.materialize(
-        [*defs.assets, *defs.asset_checks],
-        resources={"imagegem": settings},
-        instance=dg.DagsterInstance.ephemeral(),
-    )
+    result = materialize_all(settings)
     assert result.success
     failed = [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]
     assert not failed

@@ -10,18 +10,13 @@ import dagster as dg
 import duckdb
 import pytest
 
-from pipelines.definitions import defs
 from pipelines.resources import ImageGemSettings
+from pipelines.runner import materialize_all
 from tests.factory import image_row, model_row, write_release
 
 
 def materialize(settings: ImageGemSettings, instance=None) -> dg.ExecuteInJobResult:
-    return dg.materialize(
-        [*defs.assets, *defs.asset_checks],
-        resources={"imagegem": settings},
-        instance=instance or dg.DagsterInstance.ephemeral(),
-        raise_on_error=False,
-    )
+    return materialize_all(settings, instance, raise_on_error=False)
 
 
 @pytest.fixture

@@ -6,12 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dagster as dg
 import pytest
 
 from pipelines.cli import main
-from pipelines.definitions import defs
 from pipelines.resources import ImageGemSettings
+from pipelines.runner import materialize_all
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,11 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    result = dg.materialize(
-        [*defs.assets, *defs.asset_checks],
-        resources={"imagegem": ImageGemSettings(home=str(home), sample_users=80)},
-        instance=dg.DagsterInstance.ephemeral(),
-    )
+    result = materialize_all(ImageGemSettings(home=str(home), sample_users=80))
     assert result.success
     return home
 
