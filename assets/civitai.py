@@ -57,7 +57,14 @@ def civitai_pages(
         rate_limit=imagegem.civitai_rate_limit or None,
         logger=context.log,
     )
-    report = crawl(imagegem.lake(), context.partition_key, client, full=full, logger=context.log)
+    report = crawl(
+        imagegem.lake(),
+        context.partition_key,
+        client,
+        user_salt=imagegem.user_salt,
+        full=full,
+        logger=context.log,
+    )
     meta = report.as_metadata()
     if report.stopped == "auth":
         raise dg.Failure(

@@ -322,9 +322,12 @@ def no_raw_usernames(imagegem: ImageGemSettings) -> dg.AssetCheckResult:
             f'SELECT count(*) FROM (SELECT DISTINCT "{column}" AS u FROM {table}) '
             f"WHERE NOT regexp_full_match(u, '{pattern}')"
         ).fetchone()[0]
+    # Quarantine payloads (JSON text, or whatever body a bad page had): every userHash or
+    # username value in them, at any depth, must be a hash. A regex reads non-JSON bodies too.
     offenders["quarantine.payload"] = con.execute(
-        "SELECT count(*) FROM (SELECT DISTINCT json_extract_string(payload, '$.userHash') AS u "
-        f"FROM quarantine) WHERE u IS NOT NULL AND NOT regexp_full_match(u, '{pattern}')"
+        "SELECT count(*) FROM (SELECT DISTINCT unnest(regexp_extract_all(payload, "
+        "'\"(?:userHash|username)\"\\s*:\\s*\"([^\"]*)\"', 1)) AS u FROM quarantine) "
+        f"WHERE NOT regexp_full_match(u, '{pattern}')"
     ).fetchone()[0]
     con.close()
     bad = {t: n for t, n in offenders.items() if n}

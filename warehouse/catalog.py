@@ -70,7 +70,9 @@ def build_catalog(lake: Lake, path: str) -> CatalogReport:
             parts = [p for p in QUARANTINE_PARTS if lake.current(p) is not None]
             if parts:
                 union = " UNION ALL BY NAME ".join(
-                    f"SELECT * FROM read_parquet({quote(lake.glob(p))})" for p in parts
+                    f"SELECT * REPLACE (CAST(payload AS VARCHAR) AS payload) "
+                    f"FROM read_parquet({quote(lake.glob(p))})"
+                    for p in parts
                 )
                 con.execute(f"CREATE VIEW quarantine AS {union}")
                 report.views.append("quarantine")

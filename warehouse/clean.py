@@ -426,7 +426,7 @@ def write_quarantine(
                 {quote(spec.table.name)} AS table_name, {record_key} AS record_key,
                 _reason AS reason, _detail AS detail,
                 {SOURCE_FILE} AS source_file, {SOURCE_ROW} AS source_row,
-                to_json(struct_pack({", ".join(fields)})) AS payload,
+                to_json(struct_pack({", ".join(fields)}))::VARCHAR AS payload,
                 TIMESTAMP {quote(now)} AS quarantined_at
             FROM _stage WHERE _status = 'quarantined'""",
             version.part(0),

@@ -8,11 +8,16 @@ column — a raw username from a crawl or an unhashed export — is replaced at 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 USER_HASH_REGEX = "^[0-9a-f]{64}$"
+_IS_HASH = re.compile(USER_HASH_REGEX)
+USERNAME_KEYS = ("username",)
 
 
 def salted_user_hash(username: str, salt: str) -> str:
@@ -42,3 +47,35 @@ def normalize_user_hashes(values: pa.Array, salt: str) -> tuple[pa.Array, int]:
         ]
         out = pc.if_else(raw_mask, pa.array(hashed, pa.string()), out)
     return out, n_raw
+
+
+def pseudonymize(value: str, salt: str) -> str:
+    """A hash stays (lower-cased); anything else is salted-hashed."""
+    text = value.strip().lower()
+    return text if _IS_HASH.match(text) else salted_user_hash(value, salt)
+
+
+def _walk(node: Any, salt: str) -> Any:
+    if isinstance(node, dict):
+        return {
+            k: pseudonymize(v, salt) if k in USERNAME_KEYS and isinstance(v, str) and v.strip() else _walk(v, salt)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_walk(v, salt) for v in node]
+    return node
+
+
+def pseudonymize_body(body: str | None, salt: str) -> str | None:
+    """An API answer body with every ``username`` value replaced by its userHash.
+
+    Bodies that are not JSON (HTML error pages, truncated answers) are kept as they are: they
+    are quarantined downstream, and carry no parsed user field.
+    """
+    if not body or "username" not in body:
+        return body
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return body
+    return json.dumps(_walk(payload, salt), ensure_ascii=False, separators=(",", ":"))

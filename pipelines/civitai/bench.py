@@ -108,6 +108,7 @@ def run_crawl_benchmark(
                     Lake(str(lake_root)),
                     "bench",
                     client,
+                    user_salt="bench-salt",
                     concurrency=concurrency,
                     images_limit=images_limit,
                     logger=log,

@@ -8,7 +8,8 @@
 3. ``model_versions`` — ``/api/v1/model-versions/{id}`` for LoRA versions that images list
    in ``meta.civitaiResources`` but no models page carried.
 
-Every answer is landed verbatim before it is parsed, as gzip JSON lines (one line per page:
+Every answer is landed verbatim before it is parsed — except that usernames are replaced by
+their salted hash (``warehouse.users``), so no raw username is ever stored — as gzip JSON lines (one line per page:
 url without token, params, status, fetched_at, body) under
 ``<lake>/raw/civitai/window=<window>/<stream>/part-<seq>-<rand>.jsonl.gz``, each file written
 to a temporary name and renamed (one PUT on S3). A per-stream checkpoint
@@ -57,6 +58,7 @@ from pipelines.civitai.client import ApiResponse, CivitaiClient
 from warehouse import civitai_map as cm
 from warehouse.lake import Lake, is_remote
 from warehouse.schema import IMAGES, MODELS, ReleaseTable
+from warehouse.users import pseudonymize_body
 
 RAW_PREFIX = "raw/civitai"
 STREAMS: tuple[str, ...] = ("models", "images", "model_versions")
@@ -355,6 +357,7 @@ class _Crawl:
         window: str,
         client: CivitaiClient,
         *,
+        user_salt: str,
         full: bool,
         types: str,
         models_limit: int,
@@ -367,6 +370,9 @@ class _Crawl:
         log: Log,
         progress_seconds: float,
     ) -> None:
+        if not user_salt:
+            raise ValueError("user_salt is required: usernames are hashed before pages are landed")
+        self.user_salt = user_salt
         self.lake = lake
         self.store = _Store(lake)
         self.window = window
@@ -392,6 +398,12 @@ class _Crawl:
         self.requests_before = client.stats.requests
 
     # -- helpers ---------------------------------------------------------------------------
+    def _record(self, stream: str, response: ApiResponse) -> dict[str, Any]:
+        """The landing record of an answer, its usernames pseudonymised (salted SHA-256)."""
+        record = _record(stream, response)
+        record["body"] = pseudonymize_body(record["body"], self.user_salt)
+        return record
+
     def _path(self, *parts: str) -> str:
         return self.store.path(_window_dir(self.window), *parts)
 
@@ -444,7 +456,7 @@ class _Crawl:
         for attempt in range(1, attempts + 1):
             response = await self.client.get(path, params)
             if not response.ok:
-                lander.add(_record(stream, response))
+                lander.add(self._record(stream, response))
                 return response, None
             payload, reason = cm.parse_page(response.body)
             if payload is not None and list_page:
@@ -453,7 +465,7 @@ class _Crawl:
                     payload = None
             if payload is not None:
                 return response, payload
-            lander.add(_record(stream, response))  # kept verbatim; quarantined by the build
+            lander.add(self._record(stream, response))  # kept verbatim; quarantined by the build
             self.report.bad_pages += 1
             self.log.info(f"civitai {stream}: bad page ({reason}) from {response.url}; retrying")
             if attempt < attempts:
@@ -552,7 +564,7 @@ class _Crawl:
                 nxt = cm.next_cursor(payload)
                 if nxt is not None and nxt in seen_cursors:
                     response.error = f"cursor {nxt!r} did not advance"
-                    lander.add(_record("models", response))
+                    lander.add(self._record("models", response))
                     self._fail("models", cursor, response, permanent=False)
                     break
                 seen_cursors.add(nxt)
@@ -565,7 +577,7 @@ class _Crawl:
                 update = _models_update(
                     nxt, new_versions, len(items), _key_json(max_key), done, stop
                 )
-                lander.add(_record("models", response), update)
+                lander.add(self._record("models", response), update)
                 await lander.maybe_flush()
                 if done:
                     break
@@ -690,7 +702,7 @@ class _Crawl:
             nxt = cm.next_cursor(payload)
             if nxt is not None and nxt in seen_cursors:
                 response.error = f"cursor {nxt!r} did not advance"
-                lander.add(_record("images", response))
+                lander.add(self._record("images", response))
                 self._fail("images", version, response, permanent=False)
                 return
             seen_cursors.add(nxt)
@@ -707,7 +719,7 @@ class _Crawl:
             self.report.items["images"] += len(items)
             if stop:
                 self.report.stopped_at_watermark["images"] += 1
-            lander.add(_record("images", response), _set_version(key, status, new_refs))
+            lander.add(self._record("images", response), _set_version(key, status, new_refs))
             await lander.maybe_flush()
             if done:
                 return
@@ -749,7 +761,7 @@ class _Crawl:
                 if payload is not None:
                     self.report.pages["model_versions"] += 1
                     self.report.items["model_versions"] += 1
-                    lander.add(_record("model_versions", response), update)
+                    lander.add(self._record("model_versions", response), update)
                 else:
                     permanent = (
                         response.status is not None
@@ -879,6 +891,7 @@ async def acrawl(
     window: str,
     client: CivitaiClient,
     *,
+    user_salt: str,
     full: bool = False,
     types: str = "LORA",
     models_limit: int = 100,
@@ -897,6 +910,7 @@ async def acrawl(
         lake,
         window,
         client,
+        user_salt=user_salt,
         full=full,
         types=types,
         models_limit=models_limit,
@@ -917,6 +931,7 @@ def crawl(
     window: str,
     client: CivitaiClient,
     *,
+    user_salt: str,
     full: bool = False,
     types: str = "LORA",
     models_limit: int = 100,
@@ -942,6 +957,7 @@ def crawl(
             lake,
             window,
             client,
+            user_salt=user_salt,
             full=full,
             types=types,
             models_limit=models_limit,

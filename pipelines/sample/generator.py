@@ -12,15 +12,25 @@ only evaluation code reads, then `manifest.json` last:
     out/truth/image_truth.parquet       one row per images row: ids, style, quality, defects
     out/truth/model_truth.parquet       one row per models row: ids, unsafe / malformed kind
     out/truth/raw_usernames.parquet     the rows whose userHash holds a raw username
-    out/manifest.json                   spec, generator version, counts, file list
+    out/media/images/<imageId>.jpeg     with_media: thumbnails carrying style and quality
+    out/media/loras/<fileName>          with_media: the versions' primary LoRA files
+    out/truth/image_media.parquet       with_media: per image: style, quality, has_media, ...
+    out/truth/lora_media.parquet        with_media: per version: file, sha256, planted style
+    out/truth/lora_directions.parquet   with_media: per style x module: planted direction
+    out/manifest.json                   spec, generator version, counts, file list, media
 
 The same spec (seed included) gives byte-identical files. Image rows are built and written one
 shard (~500k rows at full scale) at a time; `image_truth` is streamed row group by row group,
-so memory stays bounded at full ImageGem scale.
+so memory stays bounded at full ImageGem scale. Media (`pipelines.sample.media`) is meant for
+small samples (on by default, off in `SampleSpec.full()`): images of a bounded set of whole
+users (`media_images`) and the primary files of up to `media_loras` LoRA versions (all of the
+default sample's), whose real hashes and sizes replace the synthetic ones in the release
+`models` rows.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -32,9 +42,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.sample import tables
+from pipelines.sample import media, tables
 from pipelines.sample.world import (
     IMAGE_UNSAFE_KINDS,
     MODEL_UNSAFE_KINDS,
@@ -49,7 +60,7 @@ from pipelines.sample.world import (
 )
 
 GENERATOR_NAME = "imagegem-sample"
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.2.0"
 MANIFEST_NAME = "manifest.json"
 MAX_IMAGE_ROWS_PER_SHARD = 500_000
 MAX_MODEL_ROWS_PER_SHARD = 250_000
@@ -63,6 +74,7 @@ TRUTH_TABLES: tuple[str, ...] = (
     "model_truth",
     "raw_usernames",
 )
+MEDIA_TRUTH_TABLES: tuple[str, ...] = ("image_media", "lora_media", "lora_directions")
 
 Progress = Callable[[str, int, int], None]
 
@@ -72,7 +84,10 @@ class SampleSpec:
     """What to generate. Sizes default to the published ImageGem ratios per user.
 
     `loras` is the number of `models` rows (version files, defects included) and `images` the
-    number of raw `images` rows (before the safety filter, defects included).
+    number of raw `images` rows (before the safety filter, defects included). With
+    `with_media`, image files are rendered for whole users while their images fit in
+    `media_images`, and the primary files of up to `media_loras` LoRA versions are written
+    (all of them in the default sample; see `pipelines.sample.media`).
     """
 
     users: int = 500
@@ -82,6 +97,9 @@ class SampleSpec:
     unsafe_share: float = 0.131
     malformed_share: float = 0.02
     with_truth: bool = True
+    with_media: bool = True
+    media_images: int = media.DEFAULT_MEDIA_IMAGES
+    media_loras: int = media.DEFAULT_MEDIA_LORAS
 
     def __post_init__(self) -> None:
         _require_int("users", self.users, minimum=1)
@@ -100,13 +118,18 @@ class SampleSpec:
                 raise ValueError(f"SampleSpec.{name} must be a number in [0, 0.5), got {value!r}")
         if not isinstance(self.with_truth, bool):
             raise ValueError(f"SampleSpec.with_truth must be a bool, got {self.with_truth!r}")
+        if not isinstance(self.with_media, bool):
+            raise ValueError(f"SampleSpec.with_media must be a bool, got {self.with_media!r}")
+        _require_int("media_images", self.media_images, minimum=0)
+        _require_int("media_loras", self.media_loras, minimum=0)
         self.sizes()  # raises ValueError when the totals cannot hold the planted world
 
     @classmethod
     def full(cls, seed: int = 0) -> SampleSpec:
         """Full ImageGem scale: 57,245 users, 242,889 model rows, 5,658,107 image rows.
 
-        Truth is kept: its big table (`image_truth`) is streamed shard by shard.
+        Truth is kept: its big table (`image_truth`) is streamed shard by shard. Metadata
+        only: no media files.
         """
         return cls(
             users=PUBLISHED_USERS,
@@ -114,6 +137,7 @@ class SampleSpec:
             images=PUBLISHED_IMAGE_ROWS,
             seed=seed,
             with_truth=True,
+            with_media=False,
         )
 
     @property
@@ -197,7 +221,25 @@ def sample_is_current(out: Path, spec: SampleSpec) -> bool:
     ):
         return False
     files = [f for group in manifest.get("files", {}).values() for f in group]
-    return all((Path(out) / f).is_file() for f in files)
+    if not all((Path(out) / f).is_file() for f in files):
+        return False
+    for entry in (manifest.get("media") or {}).values():
+        names = _media_names(Path(out) / entry["dir"])
+        if len(names) != entry["count"] or _names_digest(names) != entry["names_sha256"]:
+            return False
+    return True
+
+
+def _media_names(folder: Path) -> list[str]:
+    """Sorted names of the finished media files in ``folder`` (temp files excluded)."""
+    try:
+        return sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name[0] != ".")
+    except FileNotFoundError:
+        return []
+
+
+def _names_digest(names: list[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,8 +311,8 @@ def _stream(seed: int, *tag: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, 0xC1A1, *tag]))
 
 
-def _remove_stale(out: Path, keep: set[str]) -> None:
-    """Delete files of an earlier sample (shards/truth) that this run did not write."""
+def _remove_stale(out: Path, keep: set[str], keep_media: Mapping[str, set[str]]) -> None:
+    """Delete files of an earlier sample (shards/truth/media) that this run did not write."""
     for folder, pattern in (
         ("images", "part-*.parquet"),
         ("models", "part-*.parquet"),
@@ -279,6 +321,11 @@ def _remove_stale(out: Path, keep: set[str]) -> None:
         for path in (out / folder).glob(pattern):
             if path.relative_to(out).as_posix() not in keep:
                 path.unlink()
+    for folder in (media.IMAGE_DIR, media.LORA_DIR):
+        kept = keep_media.get(folder, set())
+        for name in _media_names(out / folder):
+            if name not in kept:
+                (out / folder / name).unlink()
 
 
 def generate_sample(out: Path, spec: SampleSpec, progress: Progress | None = None) -> SampleSummary:
@@ -286,7 +333,8 @@ def generate_sample(out: Path, spec: SampleSpec, progress: Progress | None = Non
 
     Any previous manifest is removed first and the new one is written last (atomically), so
     `read_manifest(out)` only ever sees a complete sample. `progress(stage, done, total)` is
-    called as rows are written (stages: "plan", "models", "images", "truth").
+    called as rows are written (stages: "plan", "models", "images", "truth", and with media
+    "lora_files", "image_files").
     """
     started = time.perf_counter()
     out = Path(out)
@@ -303,8 +351,17 @@ def generate_sample(out: Path, spec: SampleSpec, progress: Progress | None = Non
 
     written: dict[str, list[str]] = {"images": [], "models": [], "truth": []}
     rows: dict[str, int] = {}
-    model_truth = _write_models(out, spec, world, names, written, rows, report)
-    raw_usernames = _write_images(out, spec, world, settings, names, written, rows, report)
+    media_ids = lora_mask = None
+    if spec.with_media:
+        image_mask = media.select_media_images(world, spec.media_images, spec.seed)
+        media_ids = np.sort(world.images.image_ids[image_mask])
+        lora_mask = media.select_media_loras(world, spec.media_loras, image_mask)
+    model_truth, lora_media = _write_models(
+        out, spec, world, names, written, rows, report, lora_mask
+    )
+    raw_usernames, image_media = _write_images(
+        out, spec, world, settings, names, written, rows, report, media_ids
+    )
     if spec.with_truth:
         assert raw_usernames is not None
         small = {
@@ -314,15 +371,28 @@ def generate_sample(out: Path, spec: SampleSpec, progress: Progress | None = Non
             "model_truth": model_truth,
             "raw_usernames": raw_usernames,
         }
+        if lora_media is not None and image_media is not None:
+            small |= {
+                "image_media": image_media,
+                "lora_media": lora_media.truth,
+                "lora_directions": lora_media.directions,
+            }
         for i, (table_name, table) in enumerate(small.items()):
             _write_parquet(table, out / f"truth/{table_name}.parquet")
             rows[table_name] = table.num_rows
             report("truth", i + 1, len(small))
         rows["image_truth"] = rows["images"]
-        written["truth"] = [f"truth/{t}.parquet" for t in TRUTH_TABLES]
+        truth_names = TRUTH_TABLES + (MEDIA_TRUTH_TABLES if spec.with_media else ())
+        written["truth"] = [f"truth/{t}.parquet" for t in truth_names]
 
     counts = planted_counts(world)
-    _remove_stale(out, {f for group in written.values() for f in group})
+    media_section: dict[str, Any] = {}
+    keep_media: dict[str, set[str]] = {}
+    if lora_media is not None and media_ids is not None:
+        media_section, keep_media = _media_manifest(spec, world, media_ids, lora_media)
+        counts["media_images"] = media_section["images"]["count"]
+        counts["media_loras"] = media_section["loras"]["count"]
+    _remove_stale(out, {f for group in written.values() for f in group}, keep_media)
     manifest = {
         "generator": GENERATOR_NAME,
         "generator_version": GENERATOR_VERSION,
@@ -331,6 +401,8 @@ def generate_sample(out: Path, spec: SampleSpec, progress: Progress | None = Non
         "counts": counts,
         "files": written,
     }
+    if media_section:
+        manifest["media"] = media_section
     manifest_path = out / MANIFEST_NAME
     temp = _temp_path(manifest_path)
     temp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -348,6 +420,40 @@ def generate_sample(out: Path, spec: SampleSpec, progress: Progress | None = Non
     )
 
 
+def _media_manifest(
+    spec: SampleSpec, world: World, media_ids: np.ndarray, lora_media: media.LoraMedia
+) -> tuple[dict[str, Any], dict[str, set[str]]]:
+    """The manifest's ``media`` section and the media file names written, per folder."""
+    image_names = sorted(f"{i}{media.IMAGE_EXT}" for i in media_ids.tolist())
+    loras = lora_media.truth.filter(lora_media.truth.column("has_media"))
+    lora_names = sorted(loras.column("fileName").to_pylist())
+    images = world.images
+    section = {
+        "images": {
+            "dir": media.IMAGE_DIR,
+            "count": len(image_names),
+            "names_sha256": _names_digest(image_names),
+            "cap": spec.media_images,
+            "selection": "whole users in a seeded order while their images fit in the cap",
+            "users": int(np.unique(images.image_user[np.isin(images.image_ids, media_ids)]).size),
+            "of_images": int(images.image_ids.size),
+        },
+        "loras": {
+            "dir": media.LORA_DIR,
+            "count": len(lora_names),
+            "names_sha256": _names_digest(lora_names),
+            "cap": spec.media_loras,
+            "selection": "all versions when they fit in the cap, else those used by images "
+            "with media first, then by popularity",
+            "of_versions": int(world.loras.version_ids.size),
+            "pickle_files": int(
+                pc.sum(pc.not_equal(loras.column("container"), "safetensors")).as_py() or 0
+            ),
+        },
+    }
+    return section, {media.IMAGE_DIR: set(image_names), media.LORA_DIR: set(lora_names)}
+
+
 def _write_models(
     out: Path,
     spec: SampleSpec,
@@ -356,14 +462,25 @@ def _write_models(
     written: dict[str, list[str]],
     rows: dict[str, int],
     report: Progress,
-) -> pa.Table:
-    """Write the models shards; return model_truth with each row's file and position."""
+    lora_mask: np.ndarray | None = None,
+) -> tuple[pa.Table, media.LoraMedia | None]:
+    """Write the models shards (and, with a ``lora_mask`` of versions, their LoRA files, whose
+    real hashes and sizes the primary rows then carry); return model_truth with each row's
+    file and position, and what the LoRA writer wrote."""
     models = tables.build_models(world, names, _stream(spec.seed, 1))
-    n_rows = models.table.num_rows
+    table = models.table
+    lora_media = None
+    if lora_mask is not None:
+        n_files = int(lora_mask.sum())
+        report("lora_files", 0, n_files)
+        lora_media = media.write_lora_media(out, world, table, spec.seed, lora_mask)
+        table = media.patch_model_hashes(table, lora_media)
+        report("lora_files", n_files, n_files)
+    n_rows = table.num_rows
     per_shard = spec.model_rows_per_shard
     for index, start in enumerate(range(0, n_rows, per_shard)):
         name = _part_name("models", index)
-        _write_parquet(models.table.slice(start, per_shard), out / name)
+        _write_parquet(table.slice(start, per_shard), out / name)
         written["models"].append(name)
         report("models", min(n_rows, start + per_shard), n_rows)
     rows["models"] = n_rows
@@ -371,9 +488,10 @@ def _write_models(
     shard_names = pa.array(
         [_part_name("models", i) for i in range(len(written["models"]))], type=pa.string()
     )
-    return models.truth.append_column(
+    model_truth = models.truth.append_column(
         "file", shard_names.take(pa.array(position // per_shard))
     ).append_column("file_row", pa.array(position % per_shard))
+    return model_truth, lora_media
 
 
 def _write_images(
@@ -385,17 +503,22 @@ def _write_images(
     written: dict[str, list[str]],
     rows: dict[str, int],
     report: Progress,
-) -> pa.Table | None:
-    """Write the images shards one at a time, streaming image_truth alongside.
+    media_ids: np.ndarray | None = None,
+) -> tuple[pa.Table | None, pa.Table | None]:
+    """Write the images shards one at a time, streaming image_truth alongside; with
+    ``media_ids`` (sorted imageIds), render those images' files shard by shard.
 
-    Returns the raw_usernames truth rows (None without truth).
+    Returns the raw_usernames truth rows (None without truth) and the image_media truth rows
+    (None without media).
     """
     truth_stream = (
         _AtomicParquetStream(out / "truth/image_truth.parquet") if spec.with_truth else None
     )
     raw_usernames: list[pa.Table] = []
+    image_media: list[pa.Table] = []
+    renderer = media.ImageRenderer(out, spec.seed) if media_ids is not None else None
     n_rows = world.images.row_image.size
-    done = 0
+    done = rendered = 0
     try:
         for index, (start, stop) in enumerate(image_shard_bounds(world, spec.image_rows_per_shard)):
             name = _part_name("images", index)
@@ -409,6 +532,13 @@ def _write_images(
                 raw_usernames.append(shard.raw_usernames)
             done += shard.table.num_rows
             report("images", done, n_rows)
+            if renderer is not None and media_ids is not None:
+                shard_media = renderer.write_shard(
+                    shard.truth, settings.width, settings.height, media_ids
+                )
+                image_media.append(shard_media)
+                rendered += int(pc.sum(shard_media.column("has_media")).as_py() or 0)
+                report("image_files", rendered, int(media_ids.size))
             del shard
         if truth_stream is not None:
             truth_stream.close()
@@ -417,7 +547,10 @@ def _write_images(
             truth_stream.abort()
         raise
     rows["images"] = done
-    return pa.concat_tables(raw_usernames) if truth_stream is not None else None
+    return (
+        pa.concat_tables(raw_usernames) if truth_stream is not None else None,
+        pa.concat_tables(image_media) if renderer is not None else None,
+    )
 
 
 def planted_counts(world: World) -> dict[str, Any]:

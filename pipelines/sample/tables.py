@@ -366,11 +366,18 @@ def build_models(world: World, names: LoraText, rng: np.random.Generator) -> Mod
     in_place = [k for k in MODEL_MALFORMED_KINDS if k != "exact_duplicate"]
     n_in_place = sum(sizes.model_malformed[k] for k in in_place)
     safe_rows = np.flatnonzero(row_unsafe == NONE)
-    preferred = rng.permutation(safe_rows[f_type[safe_rows] != 0])
-    fallback = rng.permutation(safe_rows[f_type[safe_rows] == 0])
-    picked = np.concatenate([preferred, fallback])[:n_in_place]
+    # A bad publishedAt goes on versions with a single file: the API carries one publishedAt
+    # per version, so a crawl sees the same defect as the release (not a file-level oddity).
+    single_file = np.bincount(f_version)[f_version] == 1
+    n_bad_date = sizes.model_malformed["bad_date"]
+    bad_date_rows = rng.permutation(safe_rows[single_file[safe_rows]])[:n_bad_date]
+    malformed[bad_date_rows] = kind_code(MODEL_MALFORMED_KINDS, "bad_date")
+    rest = np.setdiff1d(safe_rows, bad_date_rows, assume_unique=True)
+    preferred = rng.permutation(rest[f_type[rest] != 0])
+    fallback = rng.permutation(rest[f_type[rest] == 0])
+    picked = np.concatenate([preferred, fallback])[: n_in_place - bad_date_rows.size]
     start = 0
-    for kind in in_place:
+    for kind in (k for k in in_place if k != "bad_date"):
         count = sizes.model_malformed[kind]
         malformed[picked[start : start + count]] = kind_code(MODEL_MALFORMED_KINDS, kind)
         start += count

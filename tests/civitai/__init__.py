@@ -29,8 +29,16 @@ def make_sample(folder: Path, spec: SampleSpec = SPEC) -> Path:
     return folder
 
 
+SALT = "test-salt"
+# What the crawl lands for a release userHash: hashes stay, raw usernames are salted-hashed.
+PSEUDONYMIZED = (
+    "CASE WHEN regexp_full_match(lower(trim(userHash)), '[0-9a-f]{64}') "
+    f"THEN lower(trim(userHash)) ELSE sha256('{SALT}' || trim(userHash)) END AS userHash"
+)
+
+
 def _cols(names: list[str]) -> str:
-    return ", ".join(f'"{c}"' for c in names)
+    return ", ".join(PSEUDONYMIZED if c == "userHash" else f'"{c}"' for c in names)
 
 
 def release_differences(sample: Path, built: Path) -> dict[str, object]:
@@ -52,7 +60,7 @@ def release_differences(sample: Path, built: Path) -> dict[str, object]:
         out: dict[str, object] = {}
         images = _cols(IMAGES.column_names)
         expected_images = f"SELECT DISTINCT {images} FROM {src['images']} WHERE imageId IS NOT NULL"
-        actual_images = f"SELECT {images} FROM {got['images']}"
+        actual_images = f"SELECT {images.replace(PSEUDONYMIZED, 'userHash')} FROM {got['images']}"
         out["images_missing"] = _count(con, f"{expected_images} EXCEPT ALL {actual_images}")
         out["images_unexpected"] = _count(con, f"{actual_images} EXCEPT ALL {expected_images}")
         con.execute(
@@ -69,7 +77,9 @@ def release_differences(sample: Path, built: Path) -> dict[str, object]:
             f"SELECT DISTINCT {_cols(other)}, {published} FROM {src['models']} "
             f"WHERE modelVersionId IS NOT NULL AND fileId IS NOT NULL"
         )
-        actual_models = f"SELECT {_cols(other)}, {published} FROM {got['models']}"
+        actual_models = (
+            f"SELECT {_cols(other).replace(PSEUDONYMIZED, 'userHash')}, {published} FROM {got['models']}"
+        )
         out["models_missing"] = _count(con, f"{expected_models} EXCEPT ALL {actual_models}")
         out["models_unexpected"] = _count(con, f"{actual_models} EXCEPT ALL {expected_models}")
         out["conflicted_versions"] = _count(con, "SELECT * FROM conflicted")
@@ -107,3 +117,11 @@ def same_tables(a: Path, b: Path) -> bool:
         return True
     finally:
         con.close()
+
+
+def crawl(*args, **kwargs):
+    """The crawler with the tests' salt (usernames are hashed before landing)."""
+    from pipelines.civitai.crawler import crawl as crawl_with_salt
+
+    kwargs.setdefault("user_salt", SALT)
+    return crawl_with_salt(*args, **kwargs)

@@ -20,9 +20,9 @@ import pytest
 
 from pipelines.civitai import crawler
 from pipelines.civitai.client import CivitaiClient, RetryPolicy
-from pipelines.civitai.crawler import build_release, crawl, iter_raw_pages, window_state
+from pipelines.civitai.crawler import build_release, iter_raw_pages, window_state
 from pipelines.civitai.fake_server import FAULT_KINDS, serve_sample
-from tests.civitai import assert_same_release, make_sample, same_tables
+from tests.civitai import assert_same_release, crawl, make_sample, same_tables
 from warehouse import civitai_map as cm
 from warehouse.lake import Lake
 from warehouse.schema import IMAGES, MODELS
@@ -106,7 +106,7 @@ from pipelines.civitai.client import CivitaiClient, RetryPolicy
 from pipelines.civitai.crawler import crawl
 from warehouse.lake import Lake
 client = CivitaiClient(sys.argv[2], rate_limit=40, retry=RetryPolicy.fast())
-crawl(Lake(sys.argv[1]), "2024-01-01", client, images_limit=int(sys.argv[3]), flush_pages=1)
+crawl(Lake(sys.argv[1]), "2024-01-01", client, user_salt="test-salt", images_limit=int(sys.argv[3]), flush_pages=1)
 """
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from pipelines.civitai import fake_server as fs
 from tests.civitai import make_sample, sample_spec
+from warehouse.civitai_map import model_sort_key
 
 MODEL_KEYS = {
     "id",
@@ -113,7 +114,8 @@ def test_models_cursor_paging_newest_first_each_model_once(server, sample):
     ids = [i["id"] for i in items]
     expected = set(pq.read_table(sample / "models").column("modelId").drop_null().to_pylist())
     assert len(ids) == len(set(ids)) and set(ids) == expected
-    latest = [max(v["publishedAt"].rstrip("Z")[:19] for v in i["modelVersions"]) for i in items]
+    # newest first by the latest parseable publishedAt (planted bad dates do not count)
+    latest = [model_sort_key(i)[0] for i in items]
     assert all(a >= b for a, b in zip(latest, latest[1:], strict=False))
     for item in items:
         assert set(item) == MODEL_KEYS
