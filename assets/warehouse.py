@@ -326,7 +326,7 @@ def no_raw_usernames(imagegem: ImageGemSettings) -> dg.AssetCheckResult:
     # username value in them, at any depth, must be a hash. A regex reads non-JSON bodies too.
     offenders["quarantine.payload"] = con.execute(
         "SELECT count(*) FROM (SELECT DISTINCT unnest(regexp_extract_all(payload, "
-        "'\"(?:userHash|username)\"\\s*:\\s*\"([^\"]*)\"', 1)) AS u FROM quarantine) "
+        '\'"(?:userHash|username)"\\s*:\\s*"([^"]*)"\', 1)) AS u FROM quarantine) '
         f"WHERE NOT regexp_full_match(u, '{pattern}')"
     ).fetchone()[0]
     con.close()

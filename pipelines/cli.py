@@ -164,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.set_defaults(func=cmd_tour)
 
-    p = sub.add_parser("demo", help="the whole pipeline on the sample, served by a local fake Civitai")
+    p = sub.add_parser(
+        "demo", help="the whole pipeline on the sample, served by a local fake Civitai"
+    )
     p.set_defaults(func=cmd_demo)
 
     from pipelines.civitai.fake_server import add_arguments as fake_civitai_arguments

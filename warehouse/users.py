@@ -58,7 +58,9 @@ def pseudonymize(value: str, salt: str) -> str:
 def _walk(node: Any, salt: str) -> Any:
     if isinstance(node, dict):
         return {
-            k: pseudonymize(v, salt) if k in USERNAME_KEYS and isinstance(v, str) and v.strip() else _walk(v, salt)
+            k: pseudonymize(v, salt)
+            if k in USERNAME_KEYS and isinstance(v, str) and v.strip()
+            else _walk(v, salt)
             for k, v in node.items()
         }
     if isinstance(node, list):

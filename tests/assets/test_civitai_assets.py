@@ -43,10 +43,18 @@ def direct(sample, tmp_path_factory) -> dict[str, list[tuple]]:
 
 @pytest.mark.parametrize("fault_rate", [0.0, 0.2])
 def test_crawl_gives_the_same_clean_tables_as_the_release(sample, direct, tmp_path, fault_rate):
-    with serve_sample(sample, fault_rate=fault_rate, retry_after=0.05, seed=7,
-                      faults=("429", "503", "malformed", "html200", "html500", "reset", "duplicate")) as server:
+    with serve_sample(
+        sample,
+        fault_rate=fault_rate,
+        retry_after=0.05,
+        seed=7,
+        faults=("429", "503", "malformed", "html200", "html500", "reset", "duplicate"),
+    ) as server:
         settings = ImageGemSettings(
-            home=str(tmp_path / "home"), source="civitai", civitai_base_url=server.url, civitai_rate_limit=0
+            home=str(tmp_path / "home"),
+            source="civitai",
+            civitai_base_url=server.url,
+            civitai_rate_limit=0,
         )
         result = materialize_all(settings)
     assert result.success

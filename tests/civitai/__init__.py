@@ -77,9 +77,7 @@ def release_differences(sample: Path, built: Path) -> dict[str, object]:
             f"SELECT DISTINCT {_cols(other)}, {published} FROM {src['models']} "
             f"WHERE modelVersionId IS NOT NULL AND fileId IS NOT NULL"
         )
-        actual_models = (
-            f"SELECT {_cols(other).replace(PSEUDONYMIZED, 'userHash')}, {published} FROM {got['models']}"
-        )
+        actual_models = f"SELECT {_cols(other).replace(PSEUDONYMIZED, 'userHash')}, {published} FROM {got['models']}"
         out["models_missing"] = _count(con, f"{expected_models} EXCEPT ALL {actual_models}")
         out["models_unexpected"] = _count(con, f"{actual_models} EXCEPT ALL {expected_models}")
         out["conflicted_versions"] = _count(con, "SELECT * FROM conflicted")
