@@ -1,17 +1,15 @@
 """Civitai crawl: daily windows of API pages landed verbatim, then mapped to the release format."""
 
-import json
 import os
 from datetime import UTC, datetime
 
 import dagster as dg
-import pyarrow as pa
 
 from pipelines.civitai.client import CivitaiClient
 from pipelines.civitai.crawler import build_release, crawl, list_windows
 from pipelines.resources import ImageGemSettings
-from warehouse.clean import QUARANTINE_SCHEMA
 from warehouse.preview import markdown_table
+from warehouse.quarantine import quarantine_table
 
 GROUP = "ingest"
 FULL_REFRESH_TAG = "imagegem/full_refresh"
@@ -106,29 +104,23 @@ def civitai_release(
         context.log.info("no crawl window landed yet: nothing to build")
         return dg.MaterializeResult(metadata={"windows": 0})
     build = build_release(lake, imagegem.civitai_release_dir(), logger=context.log)
-    now = datetime.now(UTC).replace(tzinfo=None)
     records = build.quarantine
     lake.write_table(
         "quarantine/civitai",
-        pa.Table.from_pylist(
-            [
+        quarantine_table(
+            "civitai",
+            "crawl",
+            "",
+            (
                 {
-                    "source": "civitai",
-                    "step": "crawl",
                     "table_name": r.get("table"),
-                    "record_key": r.get("key") or "",
+                    "record_key": r.get("key"),
                     "reason": r.get("reason"),
-                    "detail": None,
                     "source_file": r.get("source"),
-                    "source_row": None,
-                    "payload": r.get("payload")
-                    if isinstance(r.get("payload"), str)
-                    else json.dumps(r.get("payload")),
-                    "quarantined_at": now,
+                    "payload": r.get("payload"),
                 }
                 for r in records
-            ],
-            schema=QUARANTINE_SCHEMA,
+            ),
         ),
     )
     rows = [(t, f"{n:,}", f"{build.duplicates_dropped.get(t, 0):,}") for t, n in build.rows.items()]

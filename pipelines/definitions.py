@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from assets import civitai, ingest, warehouse
+from assets import civitai, ingest, media, warehouse
 from pipelines.resources import ImageGemSettings
 
 all_assets_job = dg.define_asset_job(
@@ -27,6 +27,8 @@ defs = dg.Definitions(
         ingest.raw_images,
         ingest.raw_models,
         *warehouse.ALL_ASSETS,
+        media.image_files,
+        media.lora_files,
     ],
     asset_checks=warehouse.ALL_CHECKS,
     jobs=[all_assets_job, civitai.crawl_job],

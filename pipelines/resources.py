@@ -16,6 +16,9 @@
 | ``CIVITAI_API_TOKEN`` | API token, sent as ``Authorization: Bearer`` (secret) | — |
 | ``CIVITAI_RATE_LIMIT`` | requests per second to the API | ``5`` |
 | ``IMAGEGEM_CRAWL_START`` | first daily crawl partition (YYYY-MM-DD) | today |
+| ``IMAGEGEM_IMAGE_BASE_URL`` | where image URLs are fetched (replaces https://image.civitai.com) | ``CIVITAI_BASE_URL`` |
+| ``IMAGEGEM_MEDIA_MAX_IMAGES`` | images downloaded: whole users in userHash order up to this many | ``2000`` |
+| ``IMAGEGEM_MEDIA_MAX_SIDE`` | stored images are shrunk to this longest side | ``512`` |
 
 In Dagster the values that come from the environment are bound as ``dg.EnvVar`` so the UI
 shows their source and never their value; the CLI builds the same class with plain values.
@@ -51,6 +54,9 @@ ENV_FIELDS: dict[str, tuple[str, bool]] = {
     "civitai_base_url": ("CIVITAI_BASE_URL", False),
     "civitai_api_token": ("CIVITAI_API_TOKEN", False),
     "civitai_rate_limit": ("CIVITAI_RATE_LIMIT", True),
+    "image_base_url": ("IMAGEGEM_IMAGE_BASE_URL", False),
+    "media_max_images": ("IMAGEGEM_MEDIA_MAX_IMAGES", True),
+    "media_max_side": ("IMAGEGEM_MEDIA_MAX_SIDE", True),
 }
 SOURCES = ("sample", "release", "civitai")
 
@@ -75,6 +81,11 @@ class ImageGemSettings(dg.ConfigurableResource):
     civitai_base_url: str | None = None
     civitai_api_token: str | None = None
     civitai_rate_limit: int = 5
+    image_base_url: str | None = None
+    media_max_images: int = 2000
+    media_max_side: int = 512
+    media_concurrency: int = 8
+    lora_max_mb: int = 512
 
     @classmethod
     def from_env(cls, bind_env_vars: bool = True) -> ImageGemSettings:
@@ -127,6 +138,15 @@ class ImageGemSettings(dg.ConfigurableResource):
     def crawl_enabled(self) -> bool:
         """The crawl runs for the civitai source, or wherever a Civitai base URL is set."""
         return self.source == "civitai" or bool(self.civitai_base_url)
+
+    def media_enabled(self) -> bool:
+        """Downloads need a reachable site: a configured Civitai base URL (real or local)."""
+        return bool(self.civitai_base_url)
+
+    def image_url_map(self) -> dict[str, str]:
+        """Image CDN → the configured image host (the local fake server in the demo)."""
+        target = self.image_base_url or self.civitai_base_url
+        return {"https://image.civitai.com": target} if target else {}
 
     def release_root(self) -> str:
         """The release folder the ingest reads: the sample, the crawl's, or the configured one."""

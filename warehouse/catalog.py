@@ -29,8 +29,16 @@ CATALOG_TABLES = (
     "prompts",
     "interactions",
     "table1_stats",
+    "image_files",
+    "lora_files",
 )
-QUARANTINE_PARTS = ("quarantine/images", "quarantine/models", "quarantine/civitai")
+QUARANTINE_PARTS = (
+    "quarantine/images",
+    "quarantine/models",
+    "quarantine/civitai",
+    "quarantine/image_files",
+    "quarantine/lora_files",
+)
 
 
 @dataclass

@@ -60,7 +60,7 @@ from pipelines.sample.world import (
 )
 
 GENERATOR_NAME = "imagegem-sample"
-GENERATOR_VERSION = "1.2.0"
+GENERATOR_VERSION = "1.3.0"
 MANIFEST_NAME = "manifest.json"
 MAX_IMAGE_ROWS_PER_SHARD = 500_000
 MAX_MODEL_ROWS_PER_SHARD = 250_000

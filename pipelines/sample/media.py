@@ -108,8 +108,10 @@ def _rng(seed: int, *tag: int) -> np.random.Generator:
 def select_media_images(world: World, cap: int, seed: int) -> np.ndarray:
     """Boolean mask over `world.images` of the images that get media files.
 
-    Whole users in a seeded order, each added while the running total stays within ``cap``
-    (users that would overflow it are skipped, smaller ones later may still fit).
+    Whole users in userHash order, each added while the running total stays within ``cap``
+    (users that would overflow it are skipped, smaller ones later may still fit). The order is
+    the one the pipeline's ``image_files`` asset downloads in (IMAGEGEM_MEDIA_MAX_IMAGES), so
+    a demo downloads images that exist; ``seed`` is kept for the signature's stability.
     """
     images = world.images
     mask = np.zeros(images.image_ids.size, dtype=bool)
@@ -121,7 +123,7 @@ def select_media_images(world: World, cap: int, seed: int) -> np.ndarray:
         return mask
     chosen = np.zeros(world.users.count, dtype=bool)
     total = 0
-    for user in _rng(seed, 1).permutation(world.users.count).tolist():
+    for user in np.argsort(np.array(world.users.hashes), kind="stable").tolist():
         n = int(per_user[user])
         if n and total + n <= cap:
             chosen[user] = True

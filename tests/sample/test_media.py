@@ -147,7 +147,8 @@ def test_low_quality_images_are_blurred_noisy_and_compressed(
     assert low.sum() > 50 and high.sum() > 50
     assert _spearman(quality, image_stats["sharp"]) > 0.6
     assert image_stats["sharp"][low].mean() < 0.5 * image_stats["sharp"][high].mean()
-    assert image_stats["noise"][low].mean() > image_stats["noise"][high].mean()
+    # medians: sharp textured motifs of high-quality images give a few large outliers
+    assert np.median(image_stats["noise"][low]) > np.median(image_stats["noise"][high])
     assert _spearman(quality, image_stats["quant"]) < -0.9  # coarser JPEG tables
 
 

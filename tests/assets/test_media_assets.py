@@ -1,0 +1,95 @@
+"""Media assets against the local fake Civitai: images and LoRA files downloaded, checked,
+stored content-addressed, pickles refused, and a second run downloads nothing new."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from pipelines.civitai.fake_server import serve_sample
+from pipelines.resources import ImageGemSettings
+from pipelines.runner import materialize_all
+from pipelines.sample.generator import SampleSpec, generate_sample
+from warehouse.catalog import connect_readonly
+from warehouse.media import MediaStore
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    sample = tmp_path_factory.mktemp("sample")
+    generate_sample(sample, SampleSpec(users=60))
+    home = tmp_path_factory.mktemp("home")
+    with serve_sample(sample) as server:
+        settings = ImageGemSettings(
+            home=str(home),
+            source="release",
+            release_path=str(sample),
+            civitai_base_url=server.url,
+            civitai_rate_limit=0,
+            media_max_images=400,
+        )
+        first = materialize_all(settings)
+        second = materialize_all(settings)
+    return settings, first, second
+
+
+def meta(result, asset, key):
+    return result.asset_materializations_for_node(asset)[-1].metadata[key].value
+
+
+def test_images_downloaded_verified_and_stored_by_content(run):
+    settings, first, _ = run
+    assert first.success
+    con = connect_readonly(settings.catalog_path())
+    ok = con.execute("SELECT count(*) FROM image_files WHERE status = 'ok'").fetchone()[0]
+    assert 0 < ok <= 400
+    assert con.execute("SELECT count(*) FROM image_files WHERE status <> 'ok'").fetchone()[0] == 0
+    store = MediaStore(settings.lake())
+    for sha, path, width, height in con.execute(
+        "SELECT sha256, path, width, height FROM image_files LIMIT 20"
+    ).fetchall():
+        data = store.read_bytes(path)
+        assert (
+            hashlib.sha256(data).hexdigest() == sha
+            and max(width, height) <= settings.media_max_side
+        )
+
+
+def test_loras_checked_and_pickles_refused_never_loaded(run):
+    settings, _, _ = run
+    con = connect_readonly(settings.catalog_path())
+    declared_pickles = con.execute(
+        "SELECT count(*) FROM loras WHERE has_primary_file AND format = 'PickleTensor'"
+    ).fetchone()[0]
+    refused = con.execute("SELECT count(*) FROM lora_files WHERE status = 'refused'").fetchone()[0]
+    assert declared_pickles > 0 and refused == declared_pickles
+    mismatched = con.execute(
+        "SELECT count(*) FROM lora_files f JOIN loras l USING (modelVersionId, fileId) "
+        "WHERE f.status = 'ok' AND f.sha256 <> lower(l.hashSHA256)"
+    ).fetchone()[0]
+    assert mismatched == 0
+    assert (
+        con.execute(
+            "SELECT count(*) FROM quarantine WHERE step = 'lora_files' AND reason LIKE 'refused%'"
+        ).fetchone()[0]
+        == refused
+    )
+
+
+def test_second_run_downloads_nothing_new(run):
+    _, first, second = run
+    assert second.success
+    assert meta(first, "image_files", "downloaded") > 0
+    assert meta(second, "image_files", "downloaded") == 0
+    assert meta(second, "lora_files", "downloaded") == 0
+    assert meta(second, "image_files", "carried_over") == meta(first, "image_files", "downloaded")
+
+
+def test_media_skipped_without_a_site(tmp_path, tiny_release):
+    settings = ImageGemSettings(
+        home=str(tmp_path), source="release", release_path=str(tiny_release)
+    )
+    result = materialize_all(settings)
+    assert result.success
+    assert meta(result, "image_files", "skipped") is True
