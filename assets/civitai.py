@@ -143,7 +143,6 @@ def civitai_release(
 crawl_job = dg.define_asset_job(
     "civitai_refresh",
     selection=dg.AssetSelection.assets(civitai_pages),
-    partitions_def=crawl_windows,
     description="Crawl one daily window of the Civitai API.",
 )
 
