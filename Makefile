@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export IMAGEGEM_HOME ?= $(CURDIR)/data
 export DAGSTER_HOME  ?= $(CURDIR)/.dagster
 
-.PHONY: demo test ui bench lint install clean
+.PHONY: demo test ui bench bench-crawl fake-civitai lint install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 ## bench: full-scale ingest + clean + catalog (generates the full-scale sample once)
 bench: $(STAMP)
 	$(BIN)/imagegem bench --work bench/out
+
+## bench-crawl: crawl the local fake Civitai at R = 20 and 100 requests/s; achieved rate, duplicates
+bench-crawl: $(STAMP)
+	$(BIN)/python -m pipelines.civitai.bench
+
+## fake-civitai: serve the generated sample through the Civitai API v1 on 127.0.0.1:8765
+fake-civitai: $(STAMP)
+	$(BIN)/imagegem sample --out data/sources/sample
+	$(BIN)/imagegem fake-civitai --data data/sources/sample --port 8765
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
