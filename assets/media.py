@@ -5,9 +5,14 @@ import pyarrow as pa
 
 from assets.warehouse import images
 from pipelines.resources import ImageGemSettings
-from warehouse.duck import quote
 from warehouse.lake import Lake
-from warehouse.media import MediaStore, download_images, download_loras
+from warehouse.media import (
+    MediaStore,
+    download_images,
+    download_loras,
+    images_to_download,
+    loras_to_download,
+)
 from warehouse.preview import bar_chart_markdown, markdown_table
 from warehouse.quarantine import quarantine_table
 
@@ -49,15 +54,7 @@ def image_files(
     if not imagegem.media_enabled():
         return _skip(context)
     lake, con = imagegem.lake(), imagegem.duck()
-    src = f"read_parquet({quote(lake.glob('images'))})"
-    rows = con.sql(
-        f"""WITH per_user AS (SELECT userHash, count(DISTINCT imageId) AS n FROM {src} GROUP BY 1),
-        chosen AS (SELECT userHash FROM (
-            SELECT userHash, sum(n) OVER (ORDER BY userHash) AS running FROM per_user)
-            WHERE running <= {int(imagegem.media_max_images)})
-        SELECT imageId, any_value(url) AS url FROM {src} SEMI JOIN chosen USING (userHash)
-        GROUP BY imageId ORDER BY imageId"""
-    ).to_arrow_table()
+    rows = images_to_download(con, lake.glob("images"), imagegem.media_max_images)
     report = download_images(
         rows,
         MediaStore(lake),
@@ -111,10 +108,7 @@ def lora_files(
     if not imagegem.media_enabled():
         return _skip(context)
     lake, con = imagegem.lake(), imagegem.duck()
-    rows = con.sql(
-        "SELECT modelVersionId, fileId, fileName, format, hashSHA256, downloadUrl "
-        f"FROM read_parquet({quote(lake.glob('loras'))}) WHERE has_primary_file ORDER BY modelVersionId"
-    ).to_arrow_table()
+    rows = loras_to_download(con, lake.glob("loras"))
     report = download_loras(
         rows,
         MediaStore(lake),

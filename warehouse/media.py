@@ -53,6 +53,7 @@ from ml.lora_format import (
     parse_safetensors_header,
     refusal_reason,
 )
+from warehouse.duck import quote
 from warehouse.lake import Lake
 from warehouse.progress import Progress
 
@@ -898,3 +899,25 @@ def image_url_map(
 ) -> dict[str, str]:
     """A ``base_url_map`` sending the image CDN host(s) to ``local_base``."""
     return {host: local_base for host in hosts}
+
+
+def images_to_download(con: Any, images_glob: str, max_images: int) -> pa.Table:
+    """(imageId, url) of the clean images to fetch: whole users in userHash order while the
+    running count of their images stays within ``max_images`` (a stable, resumable subset)."""
+    src = f"read_parquet({quote(images_glob)})"
+    return con.sql(
+        f"""WITH per_user AS (SELECT userHash, count(DISTINCT imageId) AS n FROM {src} GROUP BY 1),
+        chosen AS (SELECT userHash FROM (
+            SELECT userHash, sum(n) OVER (ORDER BY userHash) AS running FROM per_user)
+            WHERE running <= {int(max_images)})
+        SELECT imageId, any_value(url) AS url FROM {src} SEMI JOIN chosen USING (userHash)
+        GROUP BY imageId ORDER BY imageId"""
+    ).to_arrow_table()
+
+
+def loras_to_download(con: Any, loras_glob: str) -> pa.Table:
+    """The primary file of every LoRA version, with what `download_loras` needs."""
+    return con.sql(
+        "SELECT modelVersionId, fileId, fileName, format, hashSHA256, downloadUrl "
+        f"FROM read_parquet({quote(loras_glob)}) WHERE has_primary_file ORDER BY modelVersionId"
+    ).to_arrow_table()
