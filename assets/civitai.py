@@ -5,15 +5,14 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from pipelines.civitai.client import CivitaiClient
+from pipelines.civitai.client import DEFAULT_BASE_URL, CivitaiClient
 from pipelines.civitai.crawler import build_release, crawl, list_windows
 from pipelines.resources import ImageGemSettings
 from warehouse.preview import markdown_table
-from warehouse.quarantine import quarantine_table
+from warehouse.quarantine import from_crawl
 
 GROUP = "ingest"
 FULL_REFRESH_TAG = "imagegem/full_refresh"
-DEFAULT_BASE_URL = "https://civitai.com"
 
 
 def crawl_start() -> str:
@@ -105,24 +104,7 @@ def civitai_release(
         return dg.MaterializeResult(metadata={"windows": 0})
     build = build_release(lake, imagegem.civitai_release_dir(), logger=context.log)
     records = build.quarantine
-    lake.write_table(
-        "quarantine/civitai",
-        quarantine_table(
-            "civitai",
-            "crawl",
-            "",
-            (
-                {
-                    "table_name": r.get("table"),
-                    "record_key": r.get("key"),
-                    "reason": r.get("reason"),
-                    "source_file": r.get("source"),
-                    "payload": r.get("payload"),
-                }
-                for r in records
-            ),
-        ),
-    )
+    lake.write_table("quarantine/civitai", from_crawl(records))
     rows = [(t, f"{n:,}", f"{build.duplicates_dropped.get(t, 0):,}") for t, n in build.rows.items()]
     return dg.MaterializeResult(
         metadata={

@@ -14,7 +14,7 @@ from warehouse.media import (
     loras_to_download,
 )
 from warehouse.preview import bar_chart_markdown, markdown_table
-from warehouse.quarantine import quarantine_table
+from warehouse.quarantine import from_image_downloads, from_lora_downloads
 
 GROUP = "media"
 
@@ -65,18 +65,7 @@ def image_files(
         existing=_existing(lake, "image_files"),
     )
     lake.write_table("image_files", report.table)
-    lake.write_table(
-        "quarantine/image_files",
-        quarantine_table(
-            "media",
-            "image_files",
-            "images",
-            (
-                {"record_key": f"imageId={r['imageId']}", "reason": r["reason"], "detail": r["url"]}
-                for r in report.quarantine.to_pylist()
-            ),
-        ),
-    )
+    lake.write_table("quarantine/image_files", from_image_downloads(report.quarantine))
     preview = report.table.filter(pa.compute.equal(report.table["status"], "ok")).slice(0, 5)
     return dg.MaterializeResult(
         metadata={
@@ -120,23 +109,7 @@ def lora_files(
         existing=_existing(lake, "lora_files"),
     )
     lake.write_table("lora_files", report.table)
-    lake.write_table(
-        "quarantine/lora_files",
-        quarantine_table(
-            "media",
-            "lora_files",
-            "models",
-            (
-                {
-                    "record_key": f"modelVersionId={r['modelVersionId']}/fileId={r['fileId']}",
-                    "reason": r["reason"],
-                    "detail": r["url"],
-                    "payload": {"file_name": r["file_name"]},
-                }
-                for r in report.quarantine.to_pylist()
-            ),
-        ),
-    )
+    lake.write_table("quarantine/lora_files", from_lora_downloads(report.quarantine))
     return dg.MaterializeResult(
         metadata={
             **_summary(report.table, report.reasons),

@@ -38,3 +38,53 @@ def quarantine_table(
             }
         )
     return pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
+
+
+def from_image_downloads(failures: pa.Table) -> pa.Table:
+    """The ``image_files`` failures (imageId, url, reason) as quarantine rows."""
+    return quarantine_table(
+        "media",
+        "image_files",
+        "images",
+        (
+            {"record_key": f"imageId={r['imageId']}", "reason": r["reason"], "detail": r["url"]}
+            for r in failures.to_pylist()
+        ),
+    )
+
+
+def from_lora_downloads(failures: pa.Table) -> pa.Table:
+    """The ``lora_files`` refusals and failures as quarantine rows."""
+    return quarantine_table(
+        "media",
+        "lora_files",
+        "models",
+        (
+            {
+                "record_key": f"modelVersionId={r['modelVersionId']}/fileId={r['fileId']}",
+                "reason": r["reason"],
+                "detail": r["url"],
+                "payload": {"file_name": r["file_name"]},
+            }
+            for r in failures.to_pylist()
+        ),
+    )
+
+
+def from_crawl(records: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """The crawl build's quarantine records (unmappable pages and items) as quarantine rows."""
+    return quarantine_table(
+        "civitai",
+        "crawl",
+        "",
+        (
+            {
+                "table_name": r.get("table"),
+                "record_key": r.get("key"),
+                "reason": r.get("reason"),
+                "source_file": r.get("source"),
+                "payload": r.get("payload"),
+            }
+            for r in records
+        ),
+    )

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import re
 import time
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -214,20 +212,6 @@ class CivitaiClient:
         self._http: httpx.AsyncClient | None = None
         self._limiter: AsyncLimiter | None = None
         self._opened = 0
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> CivitaiClient:
-        """A client configured from ``IMAGEGEM_CIVITAI_URL`` (default civitai.com),
-        ``IMAGEGEM_CIVITAI_TOKEN`` and ``IMAGEGEM_CIVITAI_RATE_LIMIT`` (requests/s);
-        keyword arguments override."""
-        env = os.environ if environ is None else environ
-        rate = env.get("IMAGEGEM_CIVITAI_RATE_LIMIT")
-        settings: dict[str, Any] = {
-            "base_url": env.get("IMAGEGEM_CIVITAI_URL") or DEFAULT_BASE_URL,
-            "token": env.get("IMAGEGEM_CIVITAI_TOKEN") or None,
-            "rate_limit": float(rate) if rate else None,
-        }
-        return cls(**(settings | kwargs))
 
     def __repr__(self) -> str:
         auth = "token=***" if self._token else "no token"

@@ -167,15 +167,8 @@ def test_token_scrubbed_from_bodies_echoing_it():
     assert response.status == 401 and TOKEN not in response.body
 
 
-def test_from_env_reads_url_token_and_rate():
-    env = {
-        "IMAGEGEM_CIVITAI_URL": "http://127.0.0.1:9",
-        "IMAGEGEM_CIVITAI_TOKEN": TOKEN,
-        "IMAGEGEM_CIVITAI_RATE_LIMIT": "20",
-    }
-    client = CivitaiClient.from_env(env, timeout=5.0)
-    assert client.base_url == "http://127.0.0.1:9" and client.has_token
-    assert client.rate_limit == 20.0 and client.timeout == 5.0
+def test_repr_never_shows_the_token():
+    client = CivitaiClient("http://127.0.0.1:9", TOKEN, rate_limit=20, timeout=5.0)
+    assert client.has_token and client.rate_limit == 20.0 and client.timeout == 5.0
     assert TOKEN not in repr(client)
-    default = CivitaiClient.from_env({})
-    assert default.base_url == "https://civitai.com" and not default.has_token
+    assert not CivitaiClient().has_token and CivitaiClient().base_url == "https://civitai.com"
