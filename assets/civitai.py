@@ -9,10 +9,26 @@ from pipelines.civitai.client import DEFAULT_BASE_URL, CivitaiClient
 from pipelines.civitai.crawler import build_release, crawl, list_windows
 from pipelines.resources import ImageGemSettings
 from warehouse.preview import markdown_table
-from warehouse.quarantine import from_crawl
+from warehouse.quarantine import QuarantineRecord, quarantine_table
 
 GROUP = "ingest"
 FULL_REFRESH_TAG = "imagegem/full_refresh"
+
+
+# TRANSITIONAL (issue 6, crawl split): the release build will write QuarantineRecords itself.
+def from_crawl(records) -> object:
+    return quarantine_table(
+        QuarantineRecord(
+            "civitai",
+            "crawl",
+            r.get("table") or "",
+            str(r.get("key") or ""),
+            r.get("reason"),
+            source_file=r.get("source"),
+            payload=r.get("payload"),
+        )
+        for r in records
+    )
 
 
 def crawl_start() -> str:

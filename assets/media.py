@@ -14,9 +14,34 @@ from warehouse.media import (
     loras_to_download,
 )
 from warehouse.preview import bar_chart_markdown, markdown_table
-from warehouse.quarantine import from_image_downloads, from_lora_downloads
+from warehouse.quarantine import QuarantineRecord, payload_text, quarantine_table
 
 GROUP = "media"
+
+
+# TRANSITIONAL (issue 6, HTTP stack): the downloaders will write QuarantineRecords themselves.
+def from_image_downloads(failures: pa.Table) -> pa.Table:
+    return quarantine_table(
+        QuarantineRecord(
+            "media", "image_files", "images", f"imageId={r['imageId']}", r["reason"], r["url"]
+        )
+        for r in failures.to_pylist()
+    )
+
+
+def from_lora_downloads(failures: pa.Table) -> pa.Table:
+    return quarantine_table(
+        QuarantineRecord(
+            "media",
+            "lora_files",
+            "models",
+            f"modelVersionId={r['modelVersionId']}/fileId={r['fileId']}",
+            r["reason"],
+            r["url"],
+            payload=payload_text({"file_name": r["file_name"]}),
+        )
+        for r in failures.to_pylist()
+    )
 
 
 def _existing(lake: Lake, table: str) -> pa.Table | None:

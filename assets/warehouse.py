@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 
 from assets.ingest import raw_images, raw_models
 from pipelines.resources import ImageGemSettings
-from warehouse.catalog import QUARANTINE_PARTS, build_catalog, connect_readonly
+from warehouse.catalog import build_catalog, connect_readonly
 from warehouse.clean import (
     CleanSpec,
     StepReport,
@@ -18,6 +18,7 @@ from warehouse.clean import (
 from warehouse.duck import quote
 from warehouse.lake import Lake
 from warehouse.preview import bar_chart_markdown, markdown_table, query_markdown
+from warehouse.quarantine import union_sql
 from warehouse.schema import IMAGES, MODELS, USER_HASH_COLUMNS, USER_HASH_PATTERN, ReleaseTable
 from warehouse.sqlfiles import questions
 from warehouse.stats import compute_table1
@@ -218,9 +219,7 @@ def quarantine(
     the catalog's ``quarantine`` view unions them. This asset summarises and checks them.
     """
     lake, con = imagegem.lake(), imagegem.duck()
-    union = " UNION ALL BY NAME ".join(
-        f"SELECT * FROM {_read(lake, p)}" for p in QUARANTINE_PARTS if lake.current(p) is not None
-    )
+    union = union_sql(lake)
     by_reason = con.execute(
         f"SELECT step, reason, count(*) AS n FROM ({union}) GROUP BY ALL ORDER BY n DESC"
     ).fetchall()

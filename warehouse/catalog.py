@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import duckdb
 
-from warehouse.duck import quote
 from warehouse.lake import Lake
+from warehouse.quarantine import union_sql
 from warehouse.sqlfiles import install_macros
 
 # Lake tables exposed as views of the same name.
@@ -31,13 +31,6 @@ CATALOG_TABLES = (
     "table1_stats",
     "image_files",
     "lora_files",
-)
-QUARANTINE_PARTS = (
-    "quarantine/images",
-    "quarantine/models",
-    "quarantine/civitai",
-    "quarantine/image_files",
-    "quarantine/lora_files",
 )
 
 
@@ -71,17 +64,10 @@ def build_catalog(lake: Lake, path: str) -> CatalogReport:
                 if lake.current(table) is None:
                     report.missing.append(table)
                     continue
-                con.execute(
-                    f"CREATE VIEW {table} AS SELECT * FROM read_parquet({quote(lake.glob(table))})"
-                )
+                con.execute(f"CREATE VIEW {table} AS SELECT * FROM {lake.scan(table)}")
                 report.views.append(table)
-            parts = [p for p in QUARANTINE_PARTS if lake.current(p) is not None]
-            if parts:
-                union = " UNION ALL BY NAME ".join(
-                    f"SELECT * REPLACE (CAST(payload AS VARCHAR) AS payload) "
-                    f"FROM read_parquet({quote(lake.glob(p))})"
-                    for p in parts
-                )
+            union = union_sql(lake)
+            if union:
                 con.execute(f"CREATE VIEW quarantine AS {union}")
                 report.views.append("quarantine")
             else:

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from warehouse.duck import copy_to_parquet, quote
 from warehouse.lake import Lake
+from warehouse.quarantine import PAYLOAD_MAX_CHARS
 from warehouse.safety import LexiconScorer, ToxicityScorer
 from warehouse.schema import (
     IMAGES,
@@ -35,22 +36,6 @@ from warehouse.schema import (
     Kind,
     ReleaseTable,
 )
-
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),
-        ("step", pa.string()),
-        ("table_name", pa.string()),
-        ("record_key", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("source_file", pa.string()),
-        ("source_row", pa.int64()),
-        ("payload", pa.string()),
-        ("quarantined_at", pa.timestamp("us")),
-    ]
-)
-PAYLOAD_MAX_CHARS = 65_536  # per text field of a quarantined payload
 
 
 @dataclass(frozen=True)

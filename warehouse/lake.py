@@ -89,6 +89,12 @@ class Lake:
         """A glob over the committed version's Parquet files, for DuckDB's read_parquet."""
         return posixpath.join(self.require(table).path, "*.parquet")
 
+    def scan(self, table: str) -> str:
+        """SQL that reads the committed version of ``table``: ``read_parquet('<glob>')``.
+
+        The one way SQL in this project refers to a lake table (use it in FROM clauses)."""
+        return "read_parquet('" + self.glob(table).replace("'", "''") + "')"
+
     # -- writing ---------------------------------------------------------------------------
     def new_version(self, table: str) -> TableVersion:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
