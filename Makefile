@@ -3,18 +3,34 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+UV_VERSION := 0.13.9
+# uv does not read pip's configuration: hand it the extra indexes this machine's pip uses.
+PIP_EXTRA_INDEX := $(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null)
+UV := $(if $(PIP_EXTRA_INDEX),UV_EXTRA_INDEX_URL="$(PIP_EXTRA_INDEX)") $(BIN)/uv
+UV_FLAGS := --python $(BIN)/python --index-strategy unsafe-best-match
 export IMAGEGEM_HOME ?= $(CURDIR)/data
 export DAGSTER_HOME  ?= $(CURDIR)/.dagster
 
-.PHONY: demo test ui bench bench-crawl fake-civitai lint install clean
+.PHONY: demo test ui bench bench-crawl fake-civitai lint install lock clean
 
-$(STAMP): pyproject.toml
+# Installs exactly the locked set (requirements.lock, made by `make lock` from pyproject.toml)
+# with uv: no resolution at install time, parallel downloads.
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet uv==$(UV_VERSION)
+	$(UV) pip sync --quiet $(UV_FLAGS) requirements.lock
+	$(UV) pip install --quiet $(UV_FLAGS) --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## lock: re-resolve pyproject.toml (with the dev extra) into requirements.lock
+lock:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet uv==$(UV_VERSION)
+	$(UV) pip compile --quiet --index-strategy unsafe-best-match --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --extra dev --no-header \
+		-o requirements.lock pyproject.toml
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
