@@ -6,29 +6,14 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from pipelines.civitai.client import DEFAULT_BASE_URL, CivitaiClient
-from pipelines.civitai.crawler import build_release, crawl, list_windows
+from pipelines.civitai.crawler import CrawlOptions, crawl
 from pipelines.resources import ImageGemSettings
+from warehouse.civitai_release import build_release, list_windows
 from warehouse.preview import markdown_table
-from warehouse.quarantine import QuarantineRecord, quarantine_table
+from warehouse.quarantine import quarantine_table
 
 GROUP = "ingest"
 FULL_REFRESH_TAG = "imagegem/full_refresh"
-
-
-# TRANSITIONAL (issue 6, crawl split): the release build will write QuarantineRecords itself.
-def from_crawl(records) -> object:
-    return quarantine_table(
-        QuarantineRecord(
-            "civitai",
-            "crawl",
-            r.get("table") or "",
-            str(r.get("key") or ""),
-            r.get("reason"),
-            source_file=r.get("source"),
-            payload=r.get("payload"),
-        )
-        for r in records
-    )
 
 
 def crawl_start() -> str:
@@ -74,8 +59,7 @@ def civitai_pages(
         imagegem.lake(),
         context.partition_key,
         client,
-        user_salt=imagegem.user_salt,
-        full=full,
+        CrawlOptions(user_salt=imagegem.user_salt, full=full),
         logger=context.log,
     )
     meta = report.as_metadata()
@@ -120,7 +104,7 @@ def civitai_release(
         return dg.MaterializeResult(metadata={"windows": 0})
     build = build_release(lake, imagegem.civitai_release_dir(), logger=context.log)
     records = build.quarantine
-    lake.write_table("quarantine/civitai", from_crawl(records))
+    lake.write_table("quarantine/civitai", quarantine_table(build.quarantine))
     rows = [(t, f"{n:,}", f"{build.duplicates_dropped.get(t, 0):,}") for t, n in build.rows.items()]
     return dg.MaterializeResult(
         metadata={

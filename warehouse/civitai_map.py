@@ -19,8 +19,10 @@ verbatim, so the clean stage judges it with the same rules as release files. Use
 kept as the API gives them (the pipeline hashes raw names later).
 
 Nothing is dropped silently and nothing raises: an item that cannot be mapped becomes a
-quarantine record ``{"source", "table", "key", "reason", "payload"}``; a page whose body is no
-JSON object (HTML error page, truncated body, ...) becomes one page-level record.
+:class:`warehouse.quarantine.QuarantineRecord` (source ``civitai``, step ``crawl``, the table,
+a ``col=value/...`` key, the reason, the landed file and line, the item as JSON text); a page
+whose body is no JSON object (HTML error page, truncated body, ...) becomes one record with
+table ``page``.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from warehouse.quarantine import QuarantineRecord, payload_text
 from warehouse.schema import IMAGES, MODELS, ReleaseTable
 
-PAYLOAD_MAX_CHARS = 65_536
+SOURCE = "civitai"  # quarantine source and step of everything mapped here
+STEP = "crawl"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -46,7 +50,6 @@ LEGACY_NSFW_LEVELS: dict[str, int] = {"None": 1, "Soft": 3, "Mature": 7, "X": 31
 HASH_KINDS: tuple[str, ...] = ("AutoV1", "AutoV2", "SHA256", "CRC32", "BLAKE3")
 
 Row = dict[str, Any]
-Record = dict[str, Any]
 
 
 class MapError(ValueError):
@@ -58,7 +61,7 @@ class Mapped:
     """Rows of one release table and the quarantine records produced while mapping."""
 
     rows: list[Row] = field(default_factory=list)
-    quarantine: list[Record] = field(default_factory=list)
+    quarantine: list[QuarantineRecord] = field(default_factory=list)
 
     def extend(self, other: Mapped) -> None:
         self.rows.extend(other.rows)
@@ -69,21 +72,30 @@ class Mapped:
 # Scalars
 
 
-def payload_text(value: Any, limit: int = PAYLOAD_MAX_CHARS) -> str:
-    """JSON text of ``value`` (or the string itself), cut to ``limit`` characters."""
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= limit else text[:limit] + f"…[{len(text) - limit} chars cut]"
+def record_key(**columns: Any) -> str:
+    """The quarantine key ``col=value/...`` of the given key columns (None → ``NULL``)."""
+    return "/".join(f"{k}={'NULL' if v is None else v}" for k, v in columns.items())
 
 
-def quarantine_record(source: str, table: str, key: Any, reason: str, payload: Any) -> Record:
-    """A quarantine record: where it came from, which key, why, and the raw payload."""
-    return {
-        "source": source,
-        "table": table,
-        "key": None if key is None else str(key),
-        "reason": reason,
-        "payload": payload_text(payload),
-    }
+def quarantine_record(
+    table: str,
+    key: str,
+    reason: str,
+    payload: Any,
+    source_file: str | None = None,
+    source_row: int | None = None,
+) -> QuarantineRecord:
+    """A crawl quarantine record: which table and key, why, where it was landed, the payload."""
+    return QuarantineRecord(
+        source=SOURCE,
+        step=STEP,
+        table_name=table,
+        record_key=key,
+        reason=reason,
+        source_file=source_file,
+        source_row=source_row,
+        payload=payload_text(payload),
+    )
 
 
 def to_int(value: Any, name: str) -> int | None:
@@ -444,58 +456,66 @@ def _file_rows(
     return rows
 
 
-def map_model_item(item: Any, source: str) -> Mapped:
+def map_model_item(item: Any, source_file: str | None, source_row: int | None = None) -> Mapped:
     """Release ``models`` rows of one ``/models`` item (one per version × file).
 
     A version that cannot be mapped, or has no files, is quarantined on its own; the model's
-    other versions are kept.
+    other versions are kept. ``source_file``/``source_row``: where the item was landed.
     """
     out = Mapped()
+    where = (source_file, source_row)
     if not isinstance(item, dict):
         out.quarantine.append(
-            quarantine_record(source, "models", None, "model item is not an object", item)
+            quarantine_record("models", "", "model item is not an object", item, *where)
         )
         return out
     model_id = item.get("id")
+    model_key = record_key(modelId=model_id)
     try:
         if to_int(model_id, "id") is None:
             raise MapError("model item without id")
         versions = _list(item.get("modelVersions"), "modelVersions")
     except MapError as exc:
-        out.quarantine.append(quarantine_record(source, "models", model_id, str(exc), item))
+        out.quarantine.append(quarantine_record("models", model_key, str(exc), item, *where))
         return out
     if not versions:
         out.quarantine.append(
-            quarantine_record(source, "models", model_id, "model has no versions", item)
+            quarantine_record("models", model_key, "model has no versions", item, *where)
         )
     for version in versions:
-        key = f"{model_id}/{version.get('id') if isinstance(version, dict) else None}"
+        version_id = version.get("id") if isinstance(version, dict) else None
+        key = record_key(modelId=model_id, modelVersionId=version_id)
         try:
             version = _dict(version, "modelVersions[]")
             rows = _file_rows(item, version, model_level=True)
         except MapError as exc:
-            out.quarantine.append(quarantine_record(source, "models", key, str(exc), version))
+            out.quarantine.append(quarantine_record("models", key, str(exc), version, *where))
             continue
         if not rows:
             out.quarantine.append(
-                quarantine_record(source, "models", key, "model version has no files", version)
+                quarantine_record("models", key, "model version has no files", version, *where)
             )
         out.rows.extend(rows)
     return out
 
 
-def map_models_page(payload: Mapping[str, Any], source: str) -> Mapped:
+def map_models_page(
+    payload: Mapping[str, Any], source_file: str | None, source_row: int | None = None
+) -> Mapped:
     """Release ``models`` rows and quarantine records of one ``/api/v1/models`` page."""
     items, reason = page_items(payload)
     if items is None:
-        return Mapped(quarantine=[quarantine_record(source, "page", None, reason, payload)])
+        record = quarantine_record("page", "", reason or "", payload, source_file, source_row)
+        return Mapped(quarantine=[record])
     out = Mapped()
     for item in items:
-        out.extend(map_model_item(item, source))
+        out.extend(map_model_item(item, source_file, source_row))
     return out
 
 
-def map_model_version(payload: Mapping[str, Any], source: str) -> Mapped:
+def map_model_version(
+    payload: Mapping[str, Any], source_file: str | None, source_row: int | None = None
+) -> Mapped:
     """Release ``models`` rows of one ``/api/v1/model-versions/{id}`` object.
 
     Only the nested ``model{name, type, nsfw, poi}`` is known of the model: the other
@@ -503,7 +523,8 @@ def map_model_version(payload: Mapping[str, Any], source: str) -> Mapped:
     other types than LORA are quarantined as out of scope.
     """
     out = Mapped()
-    key = payload.get("id")
+    where = (source_file, source_row)
+    key = record_key(modelVersionId=payload.get("id"))
     try:
         model = dict(_dict(payload.get("model"), "model"))
         model_type = model.get("type")
@@ -513,11 +534,11 @@ def map_model_version(payload: Mapping[str, Any], source: str) -> Mapped:
         model.pop("nsfwLevel", None)  # the model's own level is not given here
         rows = _file_rows(model, payload, model_level=False)
     except MapError as exc:
-        out.quarantine.append(quarantine_record(source, "models", key, str(exc), payload))
+        out.quarantine.append(quarantine_record("models", key, str(exc), payload, *where))
         return out
     if not rows:
         out.quarantine.append(
-            quarantine_record(source, "models", key, "model version has no files", payload)
+            quarantine_record("models", key, "model version has no files", payload, *where)
         )
     out.rows.extend(rows)
     return out
@@ -608,20 +629,24 @@ def lora_resources(item: Mapping[str, Any]) -> list[int]:
     return ids
 
 
-def map_image_item(item: Any, model_version_id: int, source: str) -> Mapped:
+def map_image_item(
+    item: Any, model_version_id: int, source_file: str | None, source_row: int | None = None
+) -> Mapped:
     """The release ``images`` row of one ``/images`` item crawled for ``model_version_id``.
 
     Unparseable generation metadata (user-supplied text) nulls that column and adds a
     quarantine record; any other unmappable value quarantines the item.
     """
     out = Mapped()
+    where = (source_file, source_row)
     if not isinstance(item, dict):
+        key = record_key(imageId=None, modelVersionId=model_version_id)
         out.quarantine.append(
-            quarantine_record(source, "images", None, "image item is not an object", item)
+            quarantine_record("images", key, "image item is not an object", item, *where)
         )
         return out
     image_id = item.get("id")
-    key = f"{image_id}/{model_version_id}"
+    key = record_key(imageId=image_id, modelVersionId=model_version_id)
     try:
         if to_int(image_id, "id") is None:
             raise MapError("image item without id")
@@ -656,7 +681,7 @@ def map_image_item(item: Any, model_version_id: int, source: str) -> Mapped:
         }
         meta = image_meta(item)
     except MapError as exc:
-        out.quarantine.append(quarantine_record(source, "images", key, str(exc), item))
+        out.quarantine.append(quarantine_record("images", key, str(exc), item, *where))
         return out
     for column, (names, convert) in _META_FIELDS.items():
         raw = _first(meta, *names)
@@ -666,21 +691,27 @@ def map_image_item(item: Any, model_version_id: int, source: str) -> Mapped:
             row[column] = None
             out.quarantine.append(
                 quarantine_record(
-                    source, "images", key, f"meta field unparseable, set to null: {exc}", raw
+                    "images", key, f"meta field unparseable, set to null: {exc}", raw, *where
                 )
             )
     out.rows.append({name: row.get(name) for name in IMAGES.column_names})
     return out
 
 
-def map_images_page(payload: Mapping[str, Any], model_version_id: int, source: str) -> Mapped:
+def map_images_page(
+    payload: Mapping[str, Any],
+    model_version_id: int,
+    source_file: str | None,
+    source_row: int | None = None,
+) -> Mapped:
     """Release ``images`` rows and quarantine records of one ``/api/v1/images`` page."""
     items, reason = page_items(payload)
     if items is None:
-        return Mapped(quarantine=[quarantine_record(source, "page", None, reason, payload)])
+        record = quarantine_record("page", "", reason or "", payload, source_file, source_row)
+        return Mapped(quarantine=[record])
     out = Mapped()
     for item in items:
-        out.extend(map_image_item(item, model_version_id, source))
+        out.extend(map_image_item(item, model_version_id, source_file, source_row))
     return out
 
 

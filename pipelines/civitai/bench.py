@@ -23,9 +23,10 @@ from pathlib import Path
 import duckdb
 
 from pipelines.civitai.client import CivitaiClient, RetryPolicy
-from pipelines.civitai.crawler import build_release, crawl
+from pipelines.civitai.crawler import CrawlOptions, crawl
 from pipelines.civitai.fake_server import serve_sample
 from pipelines.sample.generator import SampleSpec, generate_sample, sample_is_current
+from warehouse.civitai_release import build_release
 from warehouse.lake import Lake
 
 TARGET_SHARE = 0.95
@@ -108,9 +109,9 @@ def run_crawl_benchmark(
                     Lake(str(lake_root)),
                     "bench",
                     client,
-                    user_salt="bench-salt",
-                    concurrency=concurrency,
-                    images_limit=images_limit,
+                    CrawlOptions(
+                        user_salt="bench-salt", concurrency=concurrency, images_limit=images_limit
+                    ),
                     logger=log,
                 )
                 limited = server.stats["rate_limited"]

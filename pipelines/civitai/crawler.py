@@ -1,6 +1,7 @@
-"""Crawl the Civitai API v1 into the lake's raw landing, and build release files from it.
+"""Crawl the Civitai API v1 into the lake's raw landing.
 
-``crawl(lake, window, client)`` runs three streams for one time window (a partition key):
+``crawl(lake, window, client, CrawlOptions(user_salt=...))`` runs three streams for one time
+window (a partition key):
 
 1. ``models`` — ``/api/v1/models?types=LORA&sort=Newest``, cursor paging, newest first;
 2. ``images`` — ``/api/v1/images?modelVersionId=V&withMeta=true``, one cursor stream per
@@ -9,74 +10,99 @@
    in ``meta.civitaiResources`` but no models page carried.
 
 Every answer is landed verbatim before it is parsed — except that usernames are replaced by
-their salted hash (``warehouse.users``), so no raw username is ever stored — as gzip JSON lines (one line per page:
-url without token, params, status, fetched_at, body) under
-``<lake>/raw/civitai/window=<window>/<stream>/part-<seq>-<rand>.jsonl.gz``, each file written
-to a temporary name and renamed (one PUT on S3). A per-stream checkpoint
-(``_checkpoints/<stream>.json``, atomically replaced) moves on only after the pages it covers
-are durably landed, so a ``kill -9`` at any moment loses nothing: the rerun resumes from the
-checkpoint and may land a page twice, which :func:`build_release` collapses by key.
+their salted hash (``warehouse.users``), so no raw username is ever stored — as gzip JSON
+lines in the layout of :mod:`warehouse.civitai_release` (one line per page: url without token,
+params, status, fetched_at, body), each part file written atomically
+(``warehouse.files.atomic_write_bytes``: temp + fsync + rename; one PUT on S3). A per-stream
+checkpoint (``_checkpoints/<stream>.json``, atomically replaced) moves on only after the pages
+it covers are durably landed, so a ``kill -9`` at any moment loses nothing: the rerun resumes
+from the checkpoint and may land a page twice, which the release build collapses by key.
 
 Incremental: a window starts from the watermark of the completed windows before it (newest
 model key seen, newest image id per version) and stops each stream when it reaches it; with
 ``full=True`` everything is re-read (to refresh reaction counts). A completed window is
 never crawled again: re-running it does nothing.
 
-``build_release(lake, out)`` maps every landed page of every window into release-format
-parquet (``out/images/part-*.parquet``, ``out/models/part-*.parquet``, plus
-``out/quarantine/part-00000.parquet``), keeping the latest snapshot of each key by fetch time.
+Failures are recorded in the report, never raised: a transient one (retries exhausted, a
+cursor that does not advance) leaves the window incomplete for a rerun to resume; a permanent
+one (404, ...) is recorded and skipped; 401/403 stop the whole crawl (``stopped="auth"``) with
+every checkpoint intact, so a rerun with a valid token resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gzip
-import io
 import json
 import logging
-import os
 import posixpath
-import re
-import secrets
-import shutil
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import suppress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
-
-import duckdb
-import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.civitai.client import ApiResponse, CivitaiClient
 from warehouse import civitai_map as cm
-from warehouse.lake import Lake, is_remote
-from warehouse.schema import IMAGES, MODELS, ReleaseTable
+from warehouse.civitai_release import (
+    FORMAT_VERSION,
+    check_window,
+    encode_part,
+    list_windows,
+    part_name,
+    window_dir,
+)
+from warehouse.files import atomic_write_bytes
+from warehouse.lake import Lake
 from warehouse.users import pseudonymize_body
 
-RAW_PREFIX = "raw/civitai"
-STREAMS: tuple[str, ...] = ("models", "images", "model_versions")
 STATE_FILE = "_state.json"
 CHECKPOINTS = "_checkpoints"
-PART_PATTERN = re.compile(r"^part-(\d+)-[0-9a-f]+\.jsonl\.gz$")
-WINDOW_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,99}$")
-FORMAT_VERSION = 1
-# Lineage columns of the intermediate mapped rows (dropped from the release files).
-LINEAGE: tuple[tuple[str, pa.DataType], ...] = (
-    ("_priority", pa.int64()),
-    ("_fetched_at", pa.string()),
-    ("_part", pa.string()),
-    ("_line", pa.int64()),
-    ("_item", pa.int64()),
-)
+AUTH_STATUSES: frozenset[int] = frozenset({401, 403})
 
-Log = logging.Logger | Any  # a logging.Logger or Dagster's context.log
+
+@dataclass(frozen=True)
+class CrawlOptions:
+    """How one :func:`crawl` runs. Only ``user_salt`` is required.
+
+    * ``user_salt`` — salt of the username hash applied before a page is landed (required,
+      never shown in the repr);
+    * ``full`` (False) — re-read everything instead of stopping at the previous windows'
+      watermark (refreshes reaction counts);
+    * ``types`` ("LORA") — the ``types`` filter of ``/api/v1/models``;
+    * ``models_limit`` (100) / ``images_limit`` (200) — page sizes (the API's maxima);
+    * ``concurrency`` (8) — image / model-version streams fetched at once;
+    * ``flush_pages`` (64) / ``flush_seconds`` (5.0) — a flush (one part file, then the
+      checkpoint) happens after this many buffered pages or this long since the last one;
+    * ``max_seconds`` (None) — stop cleanly after this long (``stopped="deadline"``; the
+      window stays incomplete and a rerun resumes);
+    * ``max_versions`` (None) — crawl the images of at most this many versions (demos);
+    * ``progress_seconds`` (15.0) — interval of the progress log line;
+    * ``clock`` (``time.monotonic``) — the seconds counter behind ``max_seconds``,
+      ``flush_seconds`` and the report's timings (tests inject a counter).
+    """
+
+    user_salt: str = field(repr=False)
+    full: bool = False
+    types: str = "LORA"
+    models_limit: int = 100
+    images_limit: int = 200
+    concurrency: int = 8
+    flush_pages: int = 64
+    flush_seconds: float = 5.0
+    max_seconds: float | None = None
+    max_versions: int | None = None
+    progress_seconds: float = 15.0
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.user_salt:
+            raise ValueError("user_salt is required: usernames are hashed before pages are landed")
+        for name in ("models_limit", "images_limit", "concurrency", "flush_pages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.progress_seconds <= 0:
+            raise ValueError("progress_seconds must be positive")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,76 +110,27 @@ Log = logging.Logger | Any  # a logging.Logger or Dagster's context.log
 
 
 class _Store:
-    """Atomic small-file writes and reads under the lake root."""
+    """Atomic small-file writes and JSON reads under the lake root."""
 
     def __init__(self, lake: Lake) -> None:
         self.lake = lake
-        self.fs = lake.fs
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.lake.root, *parts)
 
     def put(self, path: str, data: bytes) -> None:
-        """Write ``data`` to ``path`` atomically (temp file + rename; one PUT remotely)."""
-        if self.lake.remote:
-            self.fs.pipe_file(path, data)
-            return
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        """Write ``data`` to ``path`` atomically (temp + fsync + rename; one PUT remotely)."""
+        atomic_write_bytes(path, data, fs=self.lake.fs)
 
     def read_json(self, path: str) -> dict[str, Any] | None:
         try:
-            with self.fs.open(path, "rb") as handle:
+            with self.lake.fs.open(path, "rb") as handle:
                 return json.loads(handle.read())
         except FileNotFoundError:
             return None
 
     def write_json(self, path: str, payload: dict[str, Any]) -> None:
         self.put(path, json.dumps(payload, sort_keys=True).encode())
-
-    def ls(self, path: str) -> list[str]:
-        try:
-            return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
-        except FileNotFoundError:
-            return []
-
-    def read_bytes(self, path: str) -> bytes:
-        with self.fs.open(path, "rb") as handle:
-            return handle.read()
-
-
-def _window_dir(window: str) -> str:
-    return f"{RAW_PREFIX}/window={window}"
-
-
-def list_windows(lake: Lake) -> list[str]:
-    """The windows that have a raw landing in ``lake``, sorted."""
-    store = _Store(lake)
-    names = store.ls(store.path(RAW_PREFIX))
-    return sorted(n.removeprefix("window=") for n in names if n.startswith("window="))
-
-
-def _check_window(window: str) -> None:
-    if not WINDOW_PATTERN.fullmatch(window):
-        raise ValueError(
-            f"window {window!r}: use letters, digits and ._:+- (a partition key), no slashes"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,17 +150,17 @@ class _Lander:
         window: str,
         stream: str,
         checkpoint: dict[str, Any],
-        flush_pages: int,
-        flush_seconds: float,
+        options: CrawlOptions,
     ) -> None:
         self.store = store
-        self.folder = store.path(_window_dir(window), stream)
-        self.checkpoint_path = store.path(_window_dir(window), CHECKPOINTS, f"{stream}.json")
+        self.folder = store.path(window_dir(window, stream))
+        self.checkpoint_path = store.path(window_dir(window, CHECKPOINTS, f"{stream}.json"))
         self.checkpoint = checkpoint
-        self.flush_pages = max(1, flush_pages)
-        self.flush_seconds = flush_seconds
+        self.flush_pages = options.flush_pages
+        self.flush_seconds = options.flush_seconds
+        self.clock = options.clock
         self.buffer: list[tuple[dict[str, Any], Callable[[dict[str, Any]], None] | None]] = []
-        self.last_flush = time.monotonic()
+        self.last_flush = self.clock()
         self.lock = asyncio.Lock()
         self.parts_written = 0
 
@@ -194,7 +171,7 @@ class _Lander:
 
     async def maybe_flush(self) -> None:
         if len(self.buffer) >= self.flush_pages or (
-            self.buffer and time.monotonic() - self.last_flush >= self.flush_seconds
+            self.buffer and self.clock() - self.last_flush >= self.flush_seconds
         ):
             await self.flush()
 
@@ -205,10 +182,9 @@ class _Lander:
                 return
             if batch:
                 seq = int(self.checkpoint.get("next_part", 0))
-                name = f"part-{seq:06d}-{secrets.token_hex(4)}.jsonl.gz"
-                lines = [json.dumps(r, ensure_ascii=False) for r, _ in batch]
-                data = await asyncio.to_thread(_gzip_lines, lines)
-                await asyncio.to_thread(self.store.put, posixpath.join(self.folder, name), data)
+                data = await asyncio.to_thread(encode_part, [r for r, _ in batch])
+                path = posixpath.join(self.folder, part_name(seq))
+                await asyncio.to_thread(self.store.put, path, data)
                 self.parts_written += 1
                 for _, update in batch:
                     if update is not None:
@@ -216,16 +192,7 @@ class _Lander:
                 self.checkpoint["next_part"] = seq + 1
             payload = json.dumps(self.checkpoint, sort_keys=True).encode()
             await asyncio.to_thread(self.store.put, self.checkpoint_path, payload)
-            self.last_flush = time.monotonic()
-
-
-def _gzip_lines(lines: list[str]) -> bytes:
-    buffer = io.BytesIO()
-    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=6, mtime=0) as handle:
-        for line in lines:
-            handle.write(line.encode())
-            handle.write(b"\n")
-    return buffer.getvalue()
+            self.last_flush = self.clock()
 
 
 def _record(stream: str, response: ApiResponse) -> dict[str, Any]:
@@ -299,6 +266,15 @@ class _Abort(Exception):
     """Stop every stream (auth failure)."""
 
 
+def _permanent(response: ApiResponse) -> bool:
+    """A failure not worth retrying on a rerun: a 4xx answer other than 429 and 401/403
+    (those stop the crawl and leave the item to the rerun with a valid token)."""
+    status = response.status
+    return (
+        status is not None and 400 <= status < 500 and status != 429 and status not in AUTH_STATUSES
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Watermarks
 
@@ -334,7 +310,7 @@ def _previous_watermark(store: _Store, window: str) -> dict[str, Any]:
     for name in list_windows(store.lake):
         if name >= window:
             continue
-        state = store.read_json(store.path(_window_dir(name), STATE_FILE))
+        state = store.read_json(store.path(window_dir(name, STATE_FILE)))
         if not state or not state.get("complete") or not state.get("watermark"):
             continue
         mark = state["watermark"]
@@ -356,40 +332,20 @@ class _Crawl:
         lake: Lake,
         window: str,
         client: CivitaiClient,
-        *,
-        user_salt: str,
-        full: bool,
-        types: str,
-        models_limit: int,
-        images_limit: int,
-        concurrency: int,
-        flush_pages: int,
-        flush_seconds: float,
-        max_seconds: float | None,
-        max_versions: int | None,
-        log: Log,
-        progress_seconds: float,
+        options: CrawlOptions,
+        log: logging.Logger,
     ) -> None:
-        if not user_salt:
-            raise ValueError("user_salt is required: usernames are hashed before pages are landed")
-        self.user_salt = user_salt
+        self.options = options
+        self.clock = options.clock
         self.lake = lake
         self.store = _Store(lake)
         self.window = window
         self.client = client
-        self.types = types
-        self.models_limit = models_limit
-        self.images_limit = images_limit
-        self.concurrency = max(1, concurrency)
-        self.flush_pages = flush_pages
-        self.flush_seconds = flush_seconds
-        self.deadline = None if max_seconds is None else time.monotonic() + max_seconds
-        self.max_versions = max_versions
         self.log = log
-        self.progress_seconds = progress_seconds
-        self.report = CrawlReport(window=window, full=full)
+        self.report = CrawlReport(window=window, full=options.full)
+        self.started = self.clock()
+        self.deadline = None if options.max_seconds is None else self.started + options.max_seconds
         self.transient_failures = 0
-        self.started = time.monotonic()
         self.phase = "starting"
         self.versions_total = 0
         self.versions_done = 0
@@ -401,28 +357,27 @@ class _Crawl:
     def _record(self, stream: str, response: ApiResponse) -> dict[str, Any]:
         """The landing record of an answer, its usernames pseudonymised (salted SHA-256)."""
         record = _record(stream, response)
-        record["body"] = pseudonymize_body(record["body"], self.user_salt)
+        record["body"] = pseudonymize_body(record["body"], self.options.user_salt)
         return record
 
     def _path(self, *parts: str) -> str:
-        return self.store.path(_window_dir(self.window), *parts)
+        return self.store.path(window_dir(self.window, *parts))
 
     def _checkpoint(self, stream: str, default: dict[str, Any]) -> dict[str, Any]:
         found = self.store.read_json(self._path(CHECKPOINTS, f"{stream}.json"))
         return found if found is not None else default
 
     def _lander(self, stream: str, checkpoint: dict[str, Any]) -> _Lander:
-        return _Lander(
-            self.store, self.window, stream, checkpoint, self.flush_pages, self.flush_seconds
-        )
+        return _Lander(self.store, self.window, stream, checkpoint, self.options)
 
     def _out_of_time(self) -> bool:
-        if self.deadline is not None and time.monotonic() >= self.deadline:
+        if self.deadline is not None and self.clock() >= self.deadline:
             self.report.stopped = self.report.stopped or "deadline"
             return True
         return False
 
     def _fail(self, stream: str, key: Any, response: ApiResponse, permanent: bool) -> None:
+        """Record a failed page; 401/403 then stop the whole crawl (raise :class:`_Abort`)."""
         failure = {
             "stream": stream,
             "key": None if key is None else str(key),
@@ -438,7 +393,7 @@ class _Crawl:
             f"civitai {stream} {key}: {failure['error'] or response.status}"
             + (" (permanent: not retried)" if permanent else " (will resume on rerun)")
         )
-        if response.status in (401, 403):
+        if response.status in AUTH_STATUSES:
             self.report.stopped = "auth"
             raise _Abort(failure["error"])
 
@@ -476,20 +431,21 @@ class _Crawl:
 
     async def _progress(self) -> None:
         while True:
-            await asyncio.sleep(self.progress_seconds)
-            elapsed = time.monotonic() - self.started
-            rate = (self.client.stats.requests - self.requests_before) / elapsed
+            await asyncio.sleep(self.options.progress_seconds)  # wall time: only a log line
+            elapsed = self.clock() - self.started
+            requests = self.client.stats.requests - self.requests_before
+            rate = requests / elapsed if elapsed > 0 else 0.0
             items = sum(self.report.items.values())
             eta = ""
             done_now = self.versions_done - self.versions_resumed
             if self.phase == "images" and done_now > 0:
                 left = self.versions_total - self.versions_done
-                per = (time.monotonic() - self.images_started) / done_now
+                per = (self.clock() - self.images_started) / done_now
                 eta = f", ETA {left * per:,.0f}s"
             self.log.info(
                 f"civitai window {self.window} [{self.phase}]: {items:,} items, "
                 f"{sum(self.report.pages.values()):,} pages, {rate:.1f} req/s, "
-                f"{items / elapsed if elapsed else 0:.1f} items/s, versions "
+                f"{items / elapsed if elapsed > 0 else 0:.1f} items/s, versions "
                 f"{self.versions_done:,}/{self.versions_total:,}{eta}"
             )
 
@@ -541,15 +497,18 @@ class _Crawl:
         seen_cursors = {cursor}
         try:
             while not self._out_of_time():
-                params = {"types": self.types, "sort": "Newest", "limit": self.models_limit}
+                params = {
+                    "types": self.options.types,
+                    "sort": "Newest",
+                    "limit": self.options.models_limit,
+                }
                 if cursor:
                     params["cursor"] = cursor
                 response, payload = await self._fetch(
                     "models", "/api/v1/models", params, lander, list_page=True
                 )
                 if payload is None:
-                    permanent = response.status is not None and 400 <= response.status < 500
-                    self._fail("models", cursor, response, permanent and response.status != 429)
+                    self._fail("models", cursor, response, _permanent(response))
                     break
                 items = payload["items"]
                 new_versions: list[int] = []
@@ -594,15 +553,15 @@ class _Crawl:
         base: dict[str, int | None] = {} if state["full"] else dict(state["base"]["images"])
         known = {int(v) for v in state["base"]["images"]} | {int(v) for v in models["versions"]}
         versions = sorted(known, reverse=True)
-        if self.max_versions is not None:
-            versions = versions[: self.max_versions]
+        if self.options.max_versions is not None:
+            versions = versions[: self.options.max_versions]
         self.versions_total = len(versions)
         self.report.versions = len(versions)
         if checkpoint["done"]:
             self.versions_done = len(versions)
             return checkpoint
         self.phase = "images"
-        self.images_started = time.monotonic()
+        self.images_started = self.clock()
         lander = self._lander("images", checkpoint)
         live = {v: dict(s) for v, s in checkpoint["versions"].items()}
         refs: set[int] = set(checkpoint["refs"])
@@ -623,7 +582,7 @@ class _Crawl:
                 self.versions_done += 1
 
         try:
-            workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
+            workers = [asyncio.create_task(worker()) for _ in range(self.options.concurrency)]
             try:
                 await asyncio.gather(*workers)
             except BaseException:
@@ -658,7 +617,7 @@ class _Crawl:
                 "modelVersionId": version,
                 "withMeta": "true",
                 "sort": "Newest",
-                "limit": self.images_limit,
+                "limit": self.options.images_limit,
             }
             if status["cursor"]:
                 params["cursor"] = status["cursor"]
@@ -666,12 +625,8 @@ class _Crawl:
                 "images", "/api/v1/images", params, lander, list_page=True
             )
             if payload is None:
-                permanent = (
-                    response.status is not None
-                    and 400 <= response.status < 500
-                    and response.status != 429
-                )
-                if permanent:
+                permanent = _permanent(response)
+                if permanent:  # skipped from now on; auth failures are not (they stop all)
                     status = dict(status, done=True)
                     live[key] = status
                     lander.add(
@@ -763,11 +718,7 @@ class _Crawl:
                     self.report.items["model_versions"] += 1
                     lander.add(self._record("model_versions", response), update)
                 else:
-                    permanent = (
-                        response.status is not None
-                        and 400 <= response.status < 500
-                        and response.status != 429
-                    )
+                    permanent = _permanent(response)
                     if permanent:
                         lander.add({"stream": "model_versions", "note": "not found"}, update)
                     else:
@@ -776,7 +727,7 @@ class _Crawl:
                 await lander.maybe_flush()
 
         try:
-            workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
+            workers = [asyncio.create_task(worker()) for _ in range(self.options.concurrency)]
             try:
                 await asyncio.gather(*workers)
             except BaseException:
@@ -792,8 +743,8 @@ class _Crawl:
             await lander.flush(force_checkpoint=True)
         return checkpoint
 
-    async def run(self, full: bool) -> CrawlReport:
-        state = self.load_state(full)
+    async def run(self) -> CrawlReport:
+        state = self.load_state(self.options.full)
         if state.get("complete"):
             self.report.already_complete = True
             self.report.complete = True
@@ -815,7 +766,7 @@ class _Crawl:
             pass
         finally:
             progress.cancel()
-            self.report.seconds = time.monotonic() - self.started
+            self.report.seconds = self.clock() - self.started
             after = self.client.stats.as_dict()
             self.report.requests = after["requests"] - before["requests"]
             self.report.retries = after["retries"] - before["retries"]
@@ -890,436 +841,34 @@ async def acrawl(
     lake: Lake,
     window: str,
     client: CivitaiClient,
+    options: CrawlOptions,
     *,
-    user_salt: str,
-    full: bool = False,
-    types: str = "LORA",
-    models_limit: int = 100,
-    images_limit: int = 200,
-    concurrency: int = 8,
-    flush_pages: int = 64,
-    flush_seconds: float = 5.0,
-    max_seconds: float | None = None,
-    max_versions: int | None = None,
-    logger: Log | None = None,
-    progress_seconds: float = 15.0,
+    logger: logging.Logger | None = None,
 ) -> CrawlReport:
     """Async form of :func:`crawl` (same arguments)."""
-    _check_window(window)
-    crawl_run = _Crawl(
-        lake,
-        window,
-        client,
-        user_salt=user_salt,
-        full=full,
-        types=types,
-        models_limit=models_limit,
-        images_limit=images_limit,
-        concurrency=concurrency,
-        flush_pages=flush_pages,
-        flush_seconds=flush_seconds,
-        max_seconds=max_seconds,
-        max_versions=max_versions,
-        log=logger or logging.getLogger(__name__),
-        progress_seconds=progress_seconds,
-    )
-    return await crawl_run.run(full)
+    check_window(window)
+    crawl_run = _Crawl(lake, window, client, options, logger or logging.getLogger(__name__))
+    return await crawl_run.run()
 
 
 def crawl(
     lake: Lake,
     window: str,
     client: CivitaiClient,
+    options: CrawlOptions,
     *,
-    user_salt: str,
-    full: bool = False,
-    types: str = "LORA",
-    models_limit: int = 100,
-    images_limit: int = 200,
-    concurrency: int = 8,
-    flush_pages: int = 64,
-    flush_seconds: float = 5.0,
-    max_seconds: float | None = None,
-    max_versions: int | None = None,
-    logger: Log | None = None,
-    progress_seconds: float = 15.0,
+    logger: logging.Logger | None = None,
 ) -> CrawlReport:
     """Crawl one window of the Civitai API into ``lake``'s raw landing (see the module doc).
 
-    ``full`` re-reads everything instead of stopping at the previous windows' watermark;
-    ``concurrency`` image streams run at once; a flush (one part file + checkpoint) happens
-    every ``flush_pages`` pages or ``flush_seconds``; ``max_seconds`` stops cleanly (the
-    window stays incomplete and a rerun resumes); ``max_versions`` bounds the image streams
-    (for demos). Failures are recorded in the report, never raised; 401/403 stop the crawl.
+    ``options`` says how (:class:`CrawlOptions`: salt, full refresh, page sizes, concurrency,
+    flushes, time budget). Failures are recorded in the report, never raised; 401/403 stop the
+    crawl (``report.stopped == "auth"``), ``max_seconds`` stops it cleanly (``"deadline"``).
     """
-    return asyncio.run(
-        acrawl(
-            lake,
-            window,
-            client,
-            user_salt=user_salt,
-            full=full,
-            types=types,
-            models_limit=models_limit,
-            images_limit=images_limit,
-            concurrency=concurrency,
-            flush_pages=flush_pages,
-            flush_seconds=flush_seconds,
-            max_seconds=max_seconds,
-            max_versions=max_versions,
-            logger=logger,
-            progress_seconds=progress_seconds,
-        )
-    )
+    return asyncio.run(acrawl(lake, window, client, options, logger=logger))
 
 
 def window_state(lake: Lake, window: str) -> dict[str, Any] | None:
     """The stored state of ``window`` (base watermark, completion, final watermark), or None."""
     store = _Store(lake)
-    return store.read_json(store.path(_window_dir(window), STATE_FILE))
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the raw landing
-
-
-@dataclass(frozen=True)
-class RawPage:
-    """One landed page: where it lies and what was recorded."""
-
-    window: str
-    stream: str
-    part: str  # path of the part file relative to the lake root
-    line: int
-    record: dict[str, Any]
-
-
-def iter_raw_pages(
-    lake: Lake, windows: Sequence[str] | None = None, streams: Sequence[str] = STREAMS
-) -> Iterator[RawPage]:
-    """Every landed page of ``windows`` (default: all), part by part in write order.
-
-    Only committed part files are read (``part-*.jsonl.gz``); temporary files of a killed
-    writer are ignored.
-    """
-    store = _Store(lake)
-    for window in windows if windows is not None else list_windows(lake):
-        for stream in streams:
-            folder = store.path(_window_dir(window), stream)
-            names = [n for n in store.ls(folder) if PART_PATTERN.match(n)]
-            names.sort(key=lambda n: (int(PART_PATTERN.match(n).group(1)), n))  # type: ignore[union-attr]
-            for name in names:
-                relative = f"{_window_dir(window)}/{stream}/{name}"
-                data = gzip.decompress(store.read_bytes(posixpath.join(folder, name)))
-                for line_no, line in enumerate(data.splitlines()):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        record = {
-                            "stream": stream,
-                            "corrupt": f"{exc.msg} at {exc.pos}",
-                            "body": line.decode("utf-8", "replace"),
-                        }
-                    yield RawPage(window, stream, relative, line_no, record)
-
-
-# ---------------------------------------------------------------------------------------------
-# Building the release
-
-
-@dataclass
-class ReleaseBuild:
-    """What :func:`build_release` wrote."""
-
-    out: str
-    rows: dict[str, int]
-    files: dict[str, list[str]]
-    pages: int = 0  # 2xx pages mapped
-    error_pages: int = 0  # landed non-2xx answers (failures; not data)
-    bad_pages: int = 0  # 2xx bodies that were no JSON page (quarantined)
-    mapped_rows: dict[str, int] = field(default_factory=dict)  # before dedupe
-    duplicates_dropped: dict[str, int] = field(default_factory=dict)
-    quarantine: list[dict[str, Any]] = field(default_factory=list)
-    windows: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-class _RowSpool:
-    """Mapped rows + lineage spooled to a local parquet file in batches."""
-
-    def __init__(self, path: str, table: ReleaseTable, batch_rows: int = 20_000) -> None:
-        self.path = path
-        self.table = table
-        self.schema = pa.schema(
-            list(table.canonical_schema()) + [pa.field(n, t) for n, t in LINEAGE]
-        )
-        self.rows: list[dict[str, Any]] = []
-        self.batch_rows = batch_rows
-        self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
-        self.count = 0
-
-    def add(self, rows: list[dict[str, Any]], lineage: dict[str, Any]) -> None:
-        for index, row in enumerate(rows):
-            self.rows.append({**row, **lineage, "_item": index})
-        if len(self.rows) >= self.batch_rows:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.rows:
-            columns = {n: [r.get(n) for r in self.rows] for n in self.schema.names}
-            self.writer.write_table(pa.table(columns, schema=self.schema))
-            self.count += len(self.rows)
-            self.rows = []
-
-    def close(self) -> None:
-        self.flush()
-        self.writer.close()
-
-
-def build_release(
-    lake: Lake,
-    out: str | Path,
-    *,
-    windows: Sequence[str] | None = None,
-    rows_per_part: int = 1_000_000,
-    logger: Log | None = None,
-) -> ReleaseBuild:
-    """Map every landed page of ``windows`` (default: all) into release parquet under ``out``.
-
-    Writes ``out/images/part-*.parquet`` and ``out/models/part-*.parquet`` with exactly the
-    canonical release schemas, one row per key ((imageId, modelVersionId) /
-    (modelVersionId, fileId)), the latest snapshot by fetch time (a ``/models`` row beats a
-    ``/model-versions`` row), sorted by key; and ``out/quarantine/part-00000.parquet`` with
-    the quarantine records (also returned). A local ``out`` is replaced atomically (built
-    beside it, then swapped in); a remote one is overwritten file by file.
-    """
-    log = logger or logging.getLogger(__name__)
-    started = time.monotonic()
-    out = str(out)
-    chosen = list(windows) if windows is not None else list_windows(lake)
-    build = ReleaseBuild(out=out, rows={}, files={}, windows=chosen)
-    with tempfile.TemporaryDirectory(prefix="civitai-build-") as tmp:
-        spools = {
-            "images": _RowSpool(os.path.join(tmp, "images.parquet"), IMAGES),
-            "models": _RowSpool(os.path.join(tmp, "models.parquet"), MODELS),
-        }
-        try:
-            for page in iter_raw_pages(lake, chosen):
-                _map_page(page, spools, build)
-        finally:
-            for spool in spools.values():
-                spool.close()
-        build.mapped_rows = {name: spool.count for name, spool in spools.items()}
-        con = duckdb.connect()
-        con.execute("SET threads = 2")
-        con.execute("SET preserve_insertion_order = false")
-        staged = _Output(out, lake)
-        try:
-            for name, table in (("images", IMAGES), ("models", MODELS)):
-                key = ", ".join(f'"{k}"' for k in table.key)
-                columns = ", ".join(f'"{c}"' for c in table.column_names)
-                source = f"read_parquet('{spools[name].path}')"
-                query = (
-                    f"SELECT {columns} FROM {source} "
-                    f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY _priority DESC, "
-                    f"_fetched_at DESC, _part DESC, _line DESC, _item DESC) = 1 "
-                    f"ORDER BY {key}"
-                )
-                reader = con.sql(query).to_arrow_reader(50_000)
-                files, rows = staged.write_table(name, reader, table, rows_per_part)
-                build.files[name], build.rows[name] = files, rows
-                build.duplicates_dropped[name] = build.mapped_rows[name] - rows
-            staged.write_quarantine(build.quarantine)
-            build.files["quarantine"] = [staged.final("quarantine/part-00000.parquet")]
-            staged.commit()
-        except BaseException:
-            staged.abort()
-            raise
-        finally:
-            con.close()
-    build.seconds = time.monotonic() - started
-    log.info(
-        f"civitai release build: {build.rows} rows from {build.pages:,} pages of "
-        f"{len(chosen)} window(s); {build.duplicates_dropped} duplicates dropped, "
-        f"{len(build.quarantine)} quarantine records, {build.error_pages} error pages"
-    )
-    return build
-
-
-def _map_page(page: RawPage, spools: dict[str, _RowSpool], build: ReleaseBuild) -> None:
-    record = page.record
-    source = f"civitai:{page.part}#{page.line}"
-    if "corrupt" in record:
-        build.quarantine.append(
-            cm.quarantine_record(
-                source, "page", None, f"corrupt raw line: {record['corrupt']}", record.get("body")
-            )
-        )
-        return
-    if "note" in record:
-        return  # a bookkeeping line (permanent failure marker)
-    status = record.get("status")
-    if status is None or not 200 <= int(status) < 300:
-        build.error_pages += 1
-        return
-    url = record.get("url")
-    payload, reason = cm.parse_page(record.get("body"))
-    if payload is None:
-        build.bad_pages += 1
-        build.quarantine.append(
-            cm.quarantine_record(source, "page", url, reason, record.get("body"))
-        )
-        return
-    stream = page.stream
-    if stream == "images":
-        try:
-            version = cm.to_int((record.get("params") or {}).get("modelVersionId"), "version")
-        except cm.MapError:
-            version = None
-        if version is None:
-            build.quarantine.append(
-                cm.quarantine_record(
-                    source, "page", url, "images page without a modelVersionId parameter", payload
-                )
-            )
-            return
-        mapped = cm.map_images_page(payload, version, source)
-        target, priority = "images", 1
-    elif stream == "models":
-        mapped = cm.map_models_page(payload, source)
-        target, priority = "models", 1
-    elif stream == "model_versions":
-        mapped = cm.map_model_version(payload, source)
-        target, priority = "models", 0
-    else:
-        return
-    build.pages += 1
-    build.quarantine.extend(mapped.quarantine)
-    lineage = {
-        "_priority": priority,
-        "_fetched_at": str(record.get("fetched_at") or ""),
-        "_part": page.part,
-        "_line": page.line,
-    }
-    spools[target].add(mapped.rows, lineage)
-
-
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),
-        ("table", pa.string()),
-        ("key", pa.string()),
-        ("reason", pa.string()),
-        ("payload", pa.string()),
-    ]
-)
-
-
-class _Output:
-    """The release folder being written: a staging folder swapped in (local) or in place."""
-
-    def __init__(self, out: str, lake: Lake) -> None:
-        self.out = out.rstrip("/")
-        self.remote = is_remote(self.out)
-        if self.remote:
-            self.fs, _ = fsspec.core.url_to_fs(self.out, **lake.storage_options)
-            self.root = self.out
-        else:
-            self.out = os.path.abspath(self.out.removeprefix("file://"))
-            parent = os.path.dirname(self.out)
-            os.makedirs(parent, exist_ok=True)
-            self.root = tempfile.mkdtemp(
-                prefix=f".{os.path.basename(self.out)}.staging-", dir=parent
-            )
-            self.fs = fsspec.filesystem("file")
-        self.written: list[str] = []
-
-    def final(self, relative: str) -> str:
-        return posixpath.join(self.out, relative)
-
-    def _open(self, relative: str):
-        path = posixpath.join(self.root, relative)
-        if not self.remote:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.written.append(relative)
-        return self.fs.open(path, "wb")
-
-    def write_table(
-        self,
-        name: str,
-        reader: pa.RecordBatchReader,
-        table: ReleaseTable,
-        rows_per_part: int,
-    ) -> tuple[list[str], int]:
-        schema = table.canonical_schema()
-        files: list[str] = []
-        rows = 0
-        writer: pq.ParquetWriter | None = None
-        handle = None
-        in_part = 0
-
-        def open_part() -> None:
-            nonlocal writer, handle, in_part
-            relative = f"{name}/part-{len(files):05d}.parquet"
-            handle = self._open(relative)
-            writer = pq.ParquetWriter(handle, schema, compression="zstd")
-            files.append(self.final(relative))
-            in_part = 0
-
-        def close_part() -> None:
-            nonlocal writer, handle
-            if writer is not None:
-                writer.close()
-                handle.close()
-                writer = handle = None
-
-        try:
-            for batch in reader:
-                data = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
-                offset = 0
-                while offset < data.num_rows:
-                    if writer is None or in_part >= rows_per_part:
-                        close_part()
-                        open_part()
-                    take = min(rows_per_part - in_part, data.num_rows - offset)
-                    writer.write_table(data.slice(offset, take))  # type: ignore[union-attr]
-                    in_part += take
-                    offset += take
-                    rows += take
-            if writer is None:
-                open_part()
-                writer.write_table(schema.empty_table())  # type: ignore[union-attr]
-        finally:
-            close_part()
-        return files, rows
-
-    def write_quarantine(self, records: list[dict[str, Any]]) -> None:
-        table = pa.Table.from_pylist(
-            [{k: r.get(k) for k in QUARANTINE_SCHEMA.names} for r in records],
-            schema=QUARANTINE_SCHEMA,
-        )
-        with self._open("quarantine/part-00000.parquet") as handle:
-            pq.write_table(table, handle, compression="zstd")
-
-    def commit(self) -> None:
-        if self.remote:
-            strip = self.fs._strip_protocol
-            keep = {strip(posixpath.join(self.out, r)) for r in self.written}
-            for folder in ("images", "models", "quarantine"):
-                for path in self.fs.glob(posixpath.join(self.out, folder, "part-*.parquet")):
-                    if strip(path) not in keep:
-                        self.fs.rm(path)  # a stale part of an earlier, larger build
-            return
-        old = None
-        if os.path.exists(self.out):
-            old = f"{self.root}.old"
-            os.replace(self.out, old)
-        os.replace(self.root, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def abort(self) -> None:
-        if not self.remote:
-            shutil.rmtree(self.root, ignore_errors=True)
+    return store.read_json(store.path(window_dir(window, STATE_FILE)))

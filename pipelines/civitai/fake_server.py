@@ -24,8 +24,14 @@ Faults (``fault_rate``, ``faults``) are decided per request attempt from a seede
 (request, attempt number), never more than ``max_consecutive_faults`` in a row for the same
 request, and never change the data behind a cursor: retrying a request eventually gets the
 same items. ``duplicate`` is a property of a cursor (the page repeats the last item of the
-previous page), so retries see it too. Beyond ``rate_limit`` requests/s the answer is 429
-with ``Retry-After``; with a ``token`` every ``/api/`` request needs ``Authorization: Bearer``.
+previous page), so retries see it too. Beyond ``rate_limit`` requests/s (measured on
+``clock``, injectable) the answer is 429 with ``Retry-After``; with a ``token`` every
+``/api/`` request needs ``Authorization: Bearer``.
+
+Scripted trouble for tests, decided by counters rather than wall time: ``outage(path, query)``
+may return a status to answer an ``/api/`` request with instead (an outage of one stream, a
+token revoked mid-crawl); with ``hold_after=N`` every ``/api/`` request after the N-th waits,
+unanswered, until :meth:`FakeCivitai.release` or ``stop()`` (a crawl frozen at a known point).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
@@ -413,17 +419,19 @@ class _Reply(Exception):
 
 
 class _TokenBucket:
-    """``rate`` tokens per second, bursts up to ``capacity``."""
+    """``rate`` tokens per second of ``clock``, bursts up to ``capacity``."""
 
-    def __init__(self, rate: float, capacity: float) -> None:
-        self.rate, self.capacity = rate, capacity
-        self.tokens, self.stamp = capacity, time.monotonic()
+    def __init__(
+        self, rate: float, capacity: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate, self.capacity, self.clock = rate, capacity, clock
+        self.tokens, self.stamp = capacity, clock()
         self.lock = threading.Lock()
 
     def take(self) -> float:
         """0 when a token was taken, else the seconds until one is available."""
         with self.lock:
-            now = time.monotonic()
+            now = self.clock()
             self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
             self.stamp = now
             if self.tokens >= 1:
@@ -451,6 +459,9 @@ class FakeCivitai:
         empty_page_rate: float = 0.15,
         max_consecutive_faults: int = 3,
         view: View | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        outage: Callable[[str, dict[str, str]], int | None] | None = None,
+        hold_after: int | None = None,
     ) -> None:
         unknown = set(faults) - set(FAULT_KINDS)
         if unknown:
@@ -469,13 +480,17 @@ class FakeCivitai:
         self.empty_page_rate = empty_page_rate
         self.max_consecutive_faults = max_consecutive_faults
         self.view = view or View()
-        self.bucket = _TokenBucket(rate_limit, max(1.0, rate_limit)) if rate_limit else None
+        self.clock = clock
+        self.outage = outage
+        self.hold_after = hold_after
+        self.bucket = self._bucket(rate_limit)
         self.rate_limit = rate_limit
         self.stats: Counter[str] = Counter()
         self._attempts: Counter[str] = Counter()
         self._consecutive: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._released = threading.Event()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._sorted: tuple[View, list[tuple[tuple[int, int], int]]] | None = None
@@ -501,8 +516,9 @@ class FakeCivitai:
         return self
 
     def stop(self) -> None:
-        """Stop serving (slow responses in flight are cut short)."""
+        """Stop serving (slow and held responses in flight are cut short)."""
         self._stopping.set()
+        self._released.set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -522,7 +538,15 @@ class FakeCivitai:
     def set_rate_limit(self, rate_limit: float | None) -> None:
         """Change the rate limit (None: unlimited)."""
         self.rate_limit = rate_limit
-        self.bucket = _TokenBucket(rate_limit, max(1.0, rate_limit)) if rate_limit else None
+        self.bucket = self._bucket(rate_limit)
+
+    def _bucket(self, rate_limit: float | None) -> _TokenBucket | None:
+        return _TokenBucket(rate_limit, max(1.0, rate_limit), self.clock) if rate_limit else None
+
+    def release(self) -> None:
+        """Answer the requests held by ``hold_after`` and hold no more."""
+        self.hold_after = None
+        self._released.set()
 
     # -- faults ----------------------------------------------------------------------------
     def _pick_fault(self, key: str) -> str | None:
@@ -762,11 +786,27 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _api(self, path: str, query: dict[str, str]) -> None:
         fake = self.fake
+        with fake._lock:
+            fake.stats["api_requests"] += 1
+            held = fake.hold_after is not None and fake.stats["api_requests"] > fake.hold_after
+            if held:
+                fake.stats["held"] += 1
+        if held:
+            fake._released.wait()
+            if fake._stopping.is_set():
+                self.close_connection = True
+                return
         if fake.token is not None:
             header = self.headers.get("Authorization", "")
             given = header[7:] if header.startswith("Bearer ") else query.get("token")
             if given != fake.token:
                 raise _Reply(401, "Unauthorized: a valid API key is required")
+        status = fake.outage(path, query) if fake.outage is not None else None
+        if status is not None:
+            with fake._lock:
+                fake.stats[f"outage_{status}"] += 1
+            retry = {"Retry-After": f"{fake.retry_after:g}"} if status in (429, 503) else None
+            raise _Reply(status, f"scripted outage (HTTP {status})", retry)
         key = path + "?" + "&".join(f"{k}={query[k]}" for k in sorted(query) if k != "token")
         fault = fake._pick_fault(key)
         if fault is not None:
@@ -865,7 +905,8 @@ def serve_sample(sample_dir: Path | str, port: int = 0, **knobs: Any) -> Iterato
     """Serve ``sample_dir`` on 127.0.0.1 in a background thread for the ``with`` block.
 
     ``knobs`` are :class:`FakeCivitai` arguments (rate_limit, fault_rate, faults, token,
-    seed, retry_after, slow_seconds, empty_page_rate, max_consecutive_faults, view).
+    seed, retry_after, slow_seconds, empty_page_rate, max_consecutive_faults, view, clock,
+    outage, hold_after).
     """
     server = FakeCivitai(sample_dir, port=port, **knobs)
     server.start()

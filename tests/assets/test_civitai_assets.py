@@ -4,15 +4,20 @@ injected faults."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import pytest
 
+from assets.civitai import civitai_pages
+from pipelines.civitai.crawler import window_state
 from pipelines.civitai.fake_server import serve_sample
 from pipelines.resources import ImageGemSettings
 from pipelines.runner import materialize_all
 from pipelines.sample.generator import SampleSpec, generate_sample
+from warehouse.civitai_release import list_windows
 
 TABLES = ("images", "models", "users", "loras", "image_loras", "prompts", "interactions")
 USERS = 60
@@ -65,3 +70,32 @@ def test_crawl_gives_the_same_clean_tables_as_the_release(sample, direct, tmp_pa
     crawled = tables(settings)
     for name in TABLES:
         assert crawled[name] == direct[name], name
+
+
+def test_a_403_mid_crawl_fails_the_pages_run_and_keeps_its_checkpoints(sample, tmp_path):
+    """The token is refused once the models are read: the run fails with a clear message,
+    the window stays incomplete and the models checkpoint (done) survives for the rerun."""
+    refuse_images = lambda path, query: 403 if path == "/api/v1/images" else None  # noqa: E731
+    with serve_sample(sample, outage=refuse_images) as server:
+        settings = ImageGemSettings(
+            home=str(tmp_path / "home"),
+            source="civitai",
+            civitai_base_url=server.url,
+            civitai_rate_limit=0,
+        )
+        result = materialize_all(
+            settings, selection=dg.AssetSelection.assets(civitai_pages), raise_on_error=False
+        )
+        refused = server.stats["outage_403"]
+    assert not result.success and refused >= 1
+    failures = result.get_step_failure_events()
+    assert len(failures) == 1
+    assert (
+        "refused the token (401/403)" in failures[0].step_failure_data.user_failure_data.description
+    )
+    lake = settings.lake()
+    (window,) = list_windows(lake)[-1:]
+    state = window_state(lake, window)
+    assert state is not None and not state["complete"]
+    models = Path(lake.root, f"raw/civitai/window={window}/_checkpoints/models.json")
+    assert json.loads(models.read_text())["done"]

@@ -1,4 +1,5 @@
-"""Helpers shared by the Civitai crawl tests: a generated sample and release comparisons."""
+"""Helpers shared by the Civitai tests: a generated sample, release comparisons, the crawler
+with the tests' salt, and API items to map."""
 
 from __future__ import annotations
 
@@ -117,9 +118,138 @@ def same_tables(a: Path, b: Path) -> bool:
         con.close()
 
 
-def crawl(*args, **kwargs):
-    """The crawler with the tests' salt (usernames are hashed before landing)."""
-    from pipelines.civitai.crawler import crawl as crawl_with_salt
+def crawl(lake, window: str, client, *, logger=None, **options: Any):
+    """The crawler with the tests' salt (usernames are hashed before landing); ``options``
+    are :class:`~pipelines.civitai.crawler.CrawlOptions` fields."""
+    from pipelines.civitai.crawler import CrawlOptions
+    from pipelines.civitai.crawler import crawl as run_crawl
 
-    kwargs.setdefault("user_salt", SALT)
-    return crawl_with_salt(*args, **kwargs)
+    return run_crawl(lake, window, client, CrawlOptions(user_salt=SALT, **options), logger=logger)
+
+
+# -- API items ---------------------------------------------------------------------------------
+
+
+def model_item(**overrides) -> dict:
+    item = {
+        "id": 11,
+        "name": "Neon Style",
+        "description": "<p>desc</p>",
+        "type": "LORA",
+        "nsfw": False,
+        "nsfwLevel": 1,
+        "poi": False,
+        "minor": False,
+        "availability": "Public",
+        "allowNoCredit": True,
+        "allowCommercialUse": "Image, RentCivit",
+        "allowDerivatives": True,
+        "allowDifferentLicense": False,
+        "cosmetic": None,
+        "stats": {
+            "downloadCount": 9,
+            "thumbsUpCount": 2,
+            "thumbsDownCount": 0,
+            "ratingCount": 1,
+            "rating": 5,
+        },
+        "creator": {"username": "alice"},
+        "tags": ["anime", "style"],
+        "modelVersions": [
+            {
+                "id": 101,
+                "modelId": 11,
+                "name": "v1.0",
+                "description": None,
+                "baseModel": "SD 1.5",
+                "baseModelType": "Standard",
+                "nsfwLevel": 1,
+                "publishedAt": "2023-05-01T10:00:00.000Z",
+                "trainedWords": ["neon", "glow"],
+                "availability": "Public",
+                "stats": {
+                    "downloadCount": 7,
+                    "ratingCount": 1,
+                    "rating": 4.5,
+                    "thumbsUpCount": 2,
+                    "thumbsDownCount": 0,
+                },
+                "downloadUrl": "https://civitai.com/api/download/models/101",
+                "files": [
+                    {
+                        "id": 1001,
+                        "name": "neon.safetensors",
+                        "sizeKB": 1024.5,
+                        "type": "Model",
+                        "primary": True,
+                        "metadata": {"fp": "fp16", "format": "SafeTensor"},
+                        "hashes": {
+                            "AutoV1": "ab12cd34",
+                            "AutoV2": "0123456789",
+                            "SHA256": "0123456789" + "A" * 54,
+                            "CRC32": "DEADBEEF",
+                            "BLAKE3": "B" * 64,
+                        },
+                        "pickleScanResult": "Success",
+                        "pickleScanMessage": "No Pickle imports",
+                        "virusScanResult": "Success",
+                        "scannedAt": "2023-05-01T10:05:00",
+                        "downloadUrl": "https://civitai.com/api/download/models/101",
+                    },
+                    {
+                        "id": 1002,
+                        "name": "neon_dataset.zip",
+                        "sizeKB": 20.0,
+                        "type": "Training Data",
+                        "metadata": {"format": "Other"},
+                        "hashes": {"SHA256": "C" * 64},
+                        "scannedAt": "2023-05-01T10:06:00Z",
+                        "downloadUrl": "https://civitai.com/api/download/models/101?type=Training%20Data",
+                    },
+                ],
+            }
+        ],
+    }
+    item.update(overrides)
+    return item
+
+
+def image_item(**overrides) -> dict:
+    item = {
+        "id": 555,
+        "url": "https://image.civitai.com/key/uuid/width=512/555.jpeg",
+        "hash": "U5ABCDEF",
+        "width": 512,
+        "height": 768,
+        "nsfw": False,
+        "nsfwLevel": 1,
+        "browsingLevel": 1,
+        "createdAt": "2023-06-01T12:00:00.000Z",
+        "postId": 77,
+        "type": "image",
+        "stats": {
+            "cryCount": 0,
+            "laughCount": 1,
+            "likeCount": 5,
+            "dislikeCount": 0,
+            "heartCount": 2,
+            "commentCount": 3,
+        },
+        "username": "bob",
+        "baseModel": "SD 1.5",
+        "meta": {
+            "prompt": "a cat <lora:neon:0.8>",
+            "negativePrompt": "blurry",
+            "seed": 42,
+            "steps": 30,
+            "sampler": "Euler a",
+            "cfgScale": 7,
+            "clipSkip": 2,
+            "civitaiResources": [
+                {"type": "lora", "modelVersionId": 101, "weight": 0.8},
+                {"type": "checkpoint", "modelVersionId": 9},
+            ],
+        },
+    }
+    item.update(overrides)
+    return item

@@ -6,134 +6,10 @@ import json
 
 import pytest
 
+from tests.civitai import image_item, model_item
 from warehouse import civitai_map as cm
+from warehouse.quarantine import QuarantineRecord
 from warehouse.schema import IMAGES, MODELS
-
-
-def model_item(**overrides) -> dict:
-    item = {
-        "id": 11,
-        "name": "Neon Style",
-        "description": "<p>desc</p>",
-        "type": "LORA",
-        "nsfw": False,
-        "nsfwLevel": 1,
-        "poi": False,
-        "minor": False,
-        "availability": "Public",
-        "allowNoCredit": True,
-        "allowCommercialUse": "Image, RentCivit",
-        "allowDerivatives": True,
-        "allowDifferentLicense": False,
-        "cosmetic": None,
-        "stats": {
-            "downloadCount": 9,
-            "thumbsUpCount": 2,
-            "thumbsDownCount": 0,
-            "ratingCount": 1,
-            "rating": 5,
-        },
-        "creator": {"username": "alice"},
-        "tags": ["anime", "style"],
-        "modelVersions": [
-            {
-                "id": 101,
-                "modelId": 11,
-                "name": "v1.0",
-                "description": None,
-                "baseModel": "SD 1.5",
-                "baseModelType": "Standard",
-                "nsfwLevel": 1,
-                "publishedAt": "2023-05-01T10:00:00.000Z",
-                "trainedWords": ["neon", "glow"],
-                "availability": "Public",
-                "stats": {
-                    "downloadCount": 7,
-                    "ratingCount": 1,
-                    "rating": 4.5,
-                    "thumbsUpCount": 2,
-                    "thumbsDownCount": 0,
-                },
-                "downloadUrl": "https://civitai.com/api/download/models/101",
-                "files": [
-                    {
-                        "id": 1001,
-                        "name": "neon.safetensors",
-                        "sizeKB": 1024.5,
-                        "type": "Model",
-                        "primary": True,
-                        "metadata": {"fp": "fp16", "format": "SafeTensor"},
-                        "hashes": {
-                            "AutoV1": "ab12cd34",
-                            "AutoV2": "0123456789",
-                            "SHA256": "0123456789" + "A" * 54,
-                            "CRC32": "DEADBEEF",
-                            "BLAKE3": "B" * 64,
-                        },
-                        "pickleScanResult": "Success",
-                        "pickleScanMessage": "No Pickle imports",
-                        "virusScanResult": "Success",
-                        "scannedAt": "2023-05-01T10:05:00",
-                        "downloadUrl": "https://civitai.com/api/download/models/101",
-                    },
-                    {
-                        "id": 1002,
-                        "name": "neon_dataset.zip",
-                        "sizeKB": 20.0,
-                        "type": "Training Data",
-                        "metadata": {"format": "Other"},
-                        "hashes": {"SHA256": "C" * 64},
-                        "scannedAt": "2023-05-01T10:06:00Z",
-                        "downloadUrl": "https://civitai.com/api/download/models/101?type=Training%20Data",
-                    },
-                ],
-            }
-        ],
-    }
-    item.update(overrides)
-    return item
-
-
-def image_item(**overrides) -> dict:
-    item = {
-        "id": 555,
-        "url": "https://image.civitai.com/key/uuid/width=512/555.jpeg",
-        "hash": "U5ABCDEF",
-        "width": 512,
-        "height": 768,
-        "nsfw": False,
-        "nsfwLevel": 1,
-        "browsingLevel": 1,
-        "createdAt": "2023-06-01T12:00:00.000Z",
-        "postId": 77,
-        "type": "image",
-        "stats": {
-            "cryCount": 0,
-            "laughCount": 1,
-            "likeCount": 5,
-            "dislikeCount": 0,
-            "heartCount": 2,
-            "commentCount": 3,
-        },
-        "username": "bob",
-        "baseModel": "SD 1.5",
-        "meta": {
-            "prompt": "a cat <lora:neon:0.8>",
-            "negativePrompt": "blurry",
-            "seed": 42,
-            "steps": 30,
-            "sampler": "Euler a",
-            "cfgScale": 7,
-            "clipSkip": 2,
-            "civitaiResources": [
-                {"type": "lora", "modelVersionId": 101, "weight": 0.8},
-                {"type": "checkpoint", "modelVersionId": 9},
-            ],
-        },
-    }
-    item.update(overrides)
-    return item
-
 
 # -- models ------------------------------------------------------------------------------------
 
@@ -221,10 +97,15 @@ def test_unmappable_version_is_quarantined_and_the_others_kept():
     item["modelVersions"].append({"id": 103, "files": []})
     mapped = cm.map_model_item(item, "src")
     assert {r["modelVersionId"] for r in mapped.rows} == {101}
-    reasons = {q["key"]: q["reason"] for q in mapped.quarantine}
-    assert "sizeKB" in reasons["11/102"]
-    assert reasons["11/103"] == "model version has no files"
-    assert all(q["source"] == "src" and q["payload"] for q in mapped.quarantine)
+    reasons = {q.record_key: q.reason for q in mapped.quarantine}
+    assert "sizeKB" in reasons["modelId=11/modelVersionId=102"]
+    assert reasons["modelId=11/modelVersionId=103"] == "model version has no files"
+    assert len(mapped.quarantine) == 2
+    for record in mapped.quarantine:
+        assert isinstance(record, QuarantineRecord)
+        assert (record.source, record.step, record.table_name) == ("civitai", "crawl", "models")
+        assert record.source_file == "src" and record.source_row is None
+        assert json.loads(record.payload)["id"] in (102, 103)
 
 
 @pytest.mark.parametrize("item", [None, "text", {"name": "no id"}, {"id": "x1"}])
@@ -246,7 +127,9 @@ def test_model_version_object_maps_with_unknown_model_columns_null():
     assert row["userHash"] is None and row["modelNsfwLevel"] is None
     checkpoint = dict(payload, model={"name": "Base", "type": "Checkpoint"})
     mapped = cm.map_model_version(checkpoint, "v")
-    assert not mapped.rows and "not LORA" in mapped.quarantine[0]["reason"]
+    (record,) = mapped.quarantine
+    assert not mapped.rows and "not LORA" in record.reason
+    assert record.record_key == "modelVersionId=101" and record.source_file == "v"
 
 
 def test_model_sort_key_uses_latest_version():
@@ -316,7 +199,9 @@ def test_bad_meta_field_nulls_the_column_and_is_recorded():
     row = mapped.rows[0]
     assert row["seed"] is None and row["steps"] is None and row["prompt"] == "p"
     assert len(mapped.quarantine) == 2
-    assert all("meta field" in q["reason"] for q in mapped.quarantine)
+    assert all("meta field" in q.reason for q in mapped.quarantine)
+    assert {q.record_key for q in mapped.quarantine} == {"imageId=555/modelVersionId=1"}
+    assert sorted(q.payload for q in mapped.quarantine) == [str(2**70), "random"]
 
 
 @pytest.mark.parametrize(
@@ -326,7 +211,8 @@ def test_bad_meta_field_nulls_the_column_and_is_recorded():
 def test_unmappable_image_items_are_quarantined(item):
     mapped = cm.map_images_page({"items": [item, image_item(id=556)]}, 1, "t")
     assert [r["imageId"] for r in mapped.rows] == [556]
-    assert len(mapped.quarantine) == 1 and mapped.quarantine[0]["reason"]
+    (record,) = mapped.quarantine
+    assert record.reason and record.table_name == "images"
 
 
 # -- pages -------------------------------------------------------------------------------------
@@ -349,10 +235,12 @@ def test_bad_bodies_give_a_reason(body, reason):
 
 
 def test_page_without_items_is_quarantined_as_a_page():
-    mapped = cm.map_images_page({"error": "No model with id 5"}, 1, "src")
+    mapped = cm.map_images_page({"error": "No model with id 5"}, 1, "src", 7)
     assert not mapped.rows
     (record,) = mapped.quarantine
-    assert record["table"] == "page" and "No model with id 5" in record["reason"]
+    assert record.table_name == "page" and "No model with id 5" in record.reason
+    assert (record.source_file, record.source_row) == ("src", 7)
+    assert json.loads(record.payload) == {"error": "No model with id 5"}
 
 
 def test_next_cursor_end_and_empty_items_page():

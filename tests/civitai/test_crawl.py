@@ -1,7 +1,13 @@
-"""End to end: crawl the fake Civitai server into a lake, rebuild the release, compare."""
+"""End to end: crawl the fake Civitai server into a lake, rebuild the release, compare.
+
+Nothing here depends on wall time: deadlines run on a clock that counts requests, a crawl is
+frozen for its kill -9 by the server holding requests after the N-th, outages are scripted per
+request, and a "slow" answer never comes (the client's timeout is far above a normal answer).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -12,28 +18,48 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import fsspec
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.civitai import crawler
 from pipelines.civitai.client import CivitaiClient, RetryPolicy
-from pipelines.civitai.crawler import build_release, iter_raw_pages, window_state
+from pipelines.civitai.crawler import CrawlOptions, window_state
 from pipelines.civitai.fake_server import FAULT_KINDS, serve_sample
 from tests.civitai import assert_same_release, crawl, make_sample, same_tables
 from warehouse import civitai_map as cm
+from warehouse.civitai_release import build_release, iter_raw_pages, list_windows
 from warehouse.lake import Lake
 from warehouse.schema import IMAGES, MODELS
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "civitai-TOKEN-5f1e0d9c8b7a"
 LIMIT = 50  # images per page: several pages per busy version
+TIMEOUT = 2.0  # client timeout (s): far above a normal answer, far below a "slow" one
+SLOW = 600.0  # a "slow" fault's delay (s): cut short when the server stops
 
 
 def client(url: str, **kwargs) -> CivitaiClient:
     return CivitaiClient(url, retry=kwargs.pop("retry", RetryPolicy.fast()), **kwargs)
+
+
+def request_clock(api: CivitaiClient) -> Callable[[], float]:
+    """A crawl clock that ticks once per request sent: ``max_seconds=N`` means N requests."""
+    return lambda: float(api.stats.requests)
+
+
+def checkpoint(lake: Lake, window: str, stream: str) -> dict:
+    path = Path(lake.root, f"raw/civitai/window={window}/_checkpoints/{stream}.json")
+    return json.loads(path.read_text())
+
+
+def busiest(server, more_than: int) -> int:
+    """The model version with the most images (more than ``more_than``: several pages)."""
+    version = max(server.data.images, key=lambda v: len(server.data.images[v]))
+    assert len(server.data.images[version]) > more_than
+    return version
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +90,7 @@ def test_crawl_rebuilds_the_sample_release(sample, reference):
     assert pq.read_schema(out / "images" / "part-00000.parquet") == IMAGES.canonical_schema()
     assert pq.read_schema(out / "models" / "part-00000.parquet") == MODELS.canonical_schema()
     assert build.quarantine == [] and build.error_pages == 0
+    assert sum(build.duplicates_dropped.values()) == 0  # every page landed once
     # raw landing: one JSON line per page, every page verbatim with its request
     pages = list(iter_raw_pages(lake))
     assert len(pages) == sum(report.pages.values())
@@ -79,13 +106,17 @@ def test_crawl_rebuilds_the_sample_release(sample, reference):
         "images.json",
         "model_versions.json",
     }
-    assert all(p.name.endswith(".jsonl.gz") for p in (window / "images").iterdir())
+    landed = list((window / "images").iterdir())
+    assert landed and all(p.name.endswith(".jsonl.gz") for p in landed)
+    assert list_windows(lake) == ["2024-01-01"]
 
 
 def test_faults_of_every_kind_give_the_same_release(sample, reference, tmp_path):
     lake = Lake(str(tmp_path / "lake"))
-    with serve_sample(sample, fault_rate=0.2, seed=7, retry_after=0.05, slow_seconds=0.6) as server:
-        report = crawl(lake, "2024-01-01", client(server.url, timeout=0.3), images_limit=LIMIT)
+    with serve_sample(
+        sample, fault_rate=0.2, seed=7, retry_after=0.05, slow_seconds=SLOW
+    ) as server:
+        report = crawl(lake, "2024-01-01", client(server.url, timeout=TIMEOUT), images_limit=LIMIT)
         stats = dict(server.stats)
     assert report.complete and not report.failures
     for kind in FAULT_KINDS:
@@ -95,73 +126,88 @@ def test_faults_of_every_kind_give_the_same_release(sample, reference, tmp_path)
     build = build_release(lake, tmp_path / "release")
     assert same_tables(tmp_path / "release", reference[3])
     assert sum(build.duplicates_dropped.values()) > 0  # duplicate items across pages
-    reasons = [q["reason"] for q in build.quarantine]
-    assert reasons and all(q["table"] == "page" for q in build.quarantine)
+    reasons = [q.reason for q in build.quarantine]
+    assert reasons and all(q.table_name == "page" for q in build.quarantine)
     assert any("HTML" in r for r in reasons) and any("truncated JSON" in r for r in reasons)
+    assert len(reasons) == build.bad_pages  # every bad body landed once, quarantined once
 
 
 KILLED_CRAWL = """
 import sys
 from pipelines.civitai.client import CivitaiClient, RetryPolicy
-from pipelines.civitai.crawler import crawl
+from pipelines.civitai.crawler import CrawlOptions, crawl
 from warehouse.lake import Lake
-client = CivitaiClient(sys.argv[2], rate_limit=40, retry=RetryPolicy.fast())
-crawl(Lake(sys.argv[1]), "2024-01-01", client, user_salt="test-salt", images_limit=int(sys.argv[3]), flush_pages=1)
+client = CivitaiClient(sys.argv[2], retry=RetryPolicy.fast())
+options = CrawlOptions(user_salt="test-salt", images_limit=int(sys.argv[3]), flush_pages=1)
+crawl(Lake(sys.argv[1]), "2024-01-01", client, options)
 """
+HOLD_AFTER = 40  # API answers the killed crawl gets; every later request hangs
 
 
 def test_kill_9_mid_crawl_then_rerun_gives_the_same_release(sample, reference, tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     images = Path(lake.root, "raw/civitai/window=2024-01-01/images")
-    with serve_sample(sample) as server:
+    with serve_sample(sample, hold_after=HOLD_AFTER) as server:
         proc = subprocess.Popen(
             [sys.executable, "-c", KILLED_CRAWL, lake.root, server.url, str(LIMIT)], cwd=REPO
         )
         try:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 300  # generous: only bounds a broken test
             while time.monotonic() < deadline and proc.poll() is None:
-                if images.is_dir() and len(list(images.glob("part-*"))) >= 12:
+                if server.stats["held"] > 0:
                     break
                 time.sleep(0.02)
-            assert proc.poll() is None, "the crawl ended before it could be killed"
+            # held requests are never answered: the crawl cannot have finished
+            assert proc.poll() is None and server.stats["held"] > 0
             os.kill(proc.pid, signal.SIGKILL)
-            assert proc.wait(timeout=10) == -signal.SIGKILL
+            assert proc.wait(timeout=30) == -signal.SIGKILL
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        assert list(images.glob("part-*"))  # pages were landed before the kill
         state = window_state(lake, "2024-01-01")
         assert state is not None and not state["complete"]
+        server.release()
         report = crawl(lake, "2024-01-01", client(server.url), images_limit=LIMIT)
     assert report.complete and not report.failures
-    build_release(lake, tmp_path / "release")
+    assert report.requests < reference[1].requests  # resumed, not restarted
+    build = build_release(lake, tmp_path / "release")
     assert same_tables(tmp_path / "release", reference[3])
+    assert build.mapped_rows["models"] == reference[2].mapped_rows["models"]
 
 
 def test_pages_landed_twice_after_a_crash_are_not_duplicated(sample, reference, tmp_path):
     """Crash between a part write and its checkpoint: the rerun lands those pages again."""
     lake = Lake(str(tmp_path / "lake"))
     checkpoints = Path(lake.root, "raw/civitai/window=w/_checkpoints")
+    budget = 30  # requests per run (a deadline on a clock that counts requests)
     with serve_sample(sample) as server:
+        api = client(server.url)
         first = crawl(
             lake,
             "w",
-            client(server.url, rate_limit=100),
+            api,
             images_limit=LIMIT,
             flush_pages=4,
-            max_seconds=0.6,
+            max_seconds=budget,
+            clock=request_clock(api),
         )
         assert first.stopped == "deadline" and not first.complete
+        assert budget <= first.requests <= budget + 8  # + the requests in flight
         saved = tmp_path / "saved"
         shutil.copytree(checkpoints, saved)
+        api = client(server.url)
         second = crawl(
             lake,
             "w",
-            client(server.url, rate_limit=100),
+            api,
             images_limit=LIMIT,
             flush_pages=4,
-            max_seconds=0.6,
+            max_seconds=budget,
+            clock=request_clock(api),
         )
+        assert second.stopped == "deadline" and not second.complete
         assert second.pages["images"] > 0
         shutil.rmtree(checkpoints)
         shutil.copytree(saved, checkpoints)  # as if killed before these checkpoints
@@ -228,15 +274,16 @@ def test_token_never_lands_in_files_logs_or_reports(sample, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     lake = Lake(str(tmp_path / "lake"))
     with serve_sample(
-        sample, token=TOKEN, fault_rate=0.1, retry_after=0.01, slow_seconds=0.5
+        sample, token=TOKEN, fault_rate=0.1, retry_after=0.01, slow_seconds=SLOW
     ) as server:
         report = crawl(
             lake,
             "w",
-            client(server.url, token=TOKEN, timeout=0.3),
+            client(server.url, token=TOKEN, timeout=TIMEOUT),
             images_limit=LIMIT,
             progress_seconds=0.2,
         )
+        slow = server.stats["fault_slow"]
         denied = crawl(Lake(str(tmp_path / "denied")), "w", client(server.url))
     assert report.complete
     build = build_release(lake, tmp_path / "release")
@@ -244,7 +291,7 @@ def test_token_never_lands_in_files_logs_or_reports(sample, tmp_path, caplog):
         caplog.text,
         json.dumps(report.as_metadata()),
         repr(report.failures),
-        json.dumps(build.quarantine),
+        json.dumps([dataclasses.asdict(q) for q in build.quarantine]),
     ]
     for path in list(Path(lake.root).rglob("*")) + list((tmp_path / "release").rglob("*")):
         if path.is_file():
@@ -252,7 +299,7 @@ def test_token_never_lands_in_files_logs_or_reports(sample, tmp_path, caplog):
             texts.append(
                 (gzip.decompress(data) if path.suffix == ".gz" else data).decode("utf-8", "replace")
             )
-    assert len(texts) > 10
+    assert len(texts) > 10 and slow > 0 and report.retries > 0
     assert not [t for t in texts if TOKEN in t]
     # without the token: one 401, recorded, not retried, and the crawl stops
     assert denied.stopped == "auth" and not denied.complete
@@ -288,7 +335,7 @@ def test_unknown_model_versions_are_fetched_and_404s_recorded(sample, reference,
     referenced = {
         v for i, vs in server.data.image_versions.items() for v in vs if v in hidden_versions
     }
-    assert {r["modelVersionId"] for r in rows} == referenced
+    assert rows and {r["modelVersionId"] for r in rows} == referenced
     assert all(r["modelId"] == hidden_model and r["userHash"] is None for r in rows)
     assert build.error_pages >= 1
     # versions found through /model-versions get their images crawled from the next window
@@ -301,27 +348,8 @@ def test_unknown_model_versions_are_fetched_and_404s_recorded(sample, reference,
     assert expected and hidden_images == expected
 
 
-def test_build_replaces_the_release_atomically(reference, tmp_path, monkeypatch):
-    lake, _, _, expected = reference
-    out = tmp_path / "release"
-    build_release(lake, out)
-    stray = out / "images" / "part-00099.parquet"
-    shutil.copy(out / "images" / "part-00000.parquet", stray)
-    build_release(lake, out)
-    assert not stray.exists() and same_tables(out, expected)
-
-    def broken(self, records):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(crawler._Output, "write_quarantine", broken)
-    with pytest.raises(OSError):
-        build_release(lake, out)
-    assert same_tables(out, expected)  # the previous release is untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]  # no staging left
-
-
-def test_remote_lake_and_release_folder(sample, reference, tmp_path):
-    """The same crawl and build on an fsspec (non-local) lake: puts instead of renames."""
+def test_remote_lake(sample, reference, tmp_path):
+    """The same crawl on an fsspec (non-local) lake: puts instead of renames."""
     fs = fsspec.filesystem("memory")
     root = f"memory://civitai-{secrets.token_hex(4)}"
     lake = Lake(f"{root}/lake")
@@ -329,12 +357,157 @@ def test_remote_lake_and_release_folder(sample, reference, tmp_path):
     try:
         with serve_sample(sample) as server:
             report = crawl(lake, "w", client(server.url), images_limit=LIMIT)
-        assert report.complete and crawler.list_windows(lake) == ["w"]
-        fs.pipe(f"{root}/release/images/part-00042.parquet", b"stale")
-        build = build_release(lake, f"{root}/release")
-        assert all(f.startswith(f"{root}/release/") for f in build.files["images"])
-        fs.get(f"{root}/release", str(tmp_path / "copy"), recursive=True)
-        assert not (tmp_path / "copy" / "images" / "part-00042.parquet").exists()
-        assert same_tables(tmp_path / "copy", reference[3])
+        assert report.complete and list_windows(lake) == ["w"]
+        assert window_state(lake, "w")["complete"]
+        build_release(lake, tmp_path / "release")
+        assert same_tables(tmp_path / "release", reference[3])
     finally:
         fs.rm(root, recursive=True)
+
+
+def test_options_are_checked_and_the_salt_never_shown():
+    options = CrawlOptions(user_salt="pepper-5a1t")
+    assert (options.full, options.concurrency, options.images_limit) == (False, 8, 200)
+    assert options.max_seconds is None and "pepper-5a1t" not in repr(options)
+    with pytest.raises(ValueError, match="user_salt"):
+        CrawlOptions(user_salt="")
+    with pytest.raises(ValueError, match="concurrency"):
+        CrawlOptions(user_salt="s", concurrency=0)
+    with pytest.raises(ValueError, match="window"):
+        crawl(Lake("unused"), "../escape", client("http://127.0.0.1:9"))
+
+
+# -- sad paths ---------------------------------------------------------------------------------
+
+
+def test_retries_exhausted_then_resumed_on_the_next_run(sample, reference, tmp_path):
+    """One stream's second page fails every attempt: the window stays incomplete, the rerun
+    resumes that stream at the failed cursor; nothing is lost or landed twice."""
+    lake = Lake(str(tmp_path / "lake"))
+    seen: list[tuple[str, str | None]] = []
+    down = {"on": True}
+    with serve_sample(sample, retry_after=0.01) as server:
+        busy = str(busiest(server, LIMIT))
+
+        def outage(path: str, query: dict[str, str]) -> int | None:
+            if path == "/api/v1/images":
+                seen.append((query["modelVersionId"], query.get("cursor")))
+                if down["on"] and query["modelVersionId"] == busy and query.get("cursor"):
+                    return 503
+            return None
+
+        server.outage = outage
+        first = crawl(lake, "w", client(server.url, retry=RetryPolicy.fast(3)), images_limit=LIMIT)
+        assert server.stats["outage_503"] == 3  # every attempt of the one failing page
+        failed = [c for v, c in seen if v == busy and c]
+        assert len(failed) == 3 and len(set(failed)) == 1
+        resume_at = checkpoint(lake, "w", "images")["versions"][busy]
+        down["on"] = False
+        seen.clear()
+        second = crawl(lake, "w", client(server.url), images_limit=LIMIT)
+    assert not first.complete and first.stopped is None
+    (failure,) = first.failures
+    assert failure["stream"] == "images" and failure["key"] == busy
+    assert failure["status"] == 503 and not failure["permanent"]
+    assert "gave up after 3 attempts" in failure["error"]
+    assert resume_at["cursor"] == failed[0] and not resume_at["done"]
+    assert second.complete and not second.failures
+    # the rerun asks only for the unfinished stream, from the failed cursor on
+    assert seen and {v for v, _ in seen} == {busy} and seen[0][1] == failed[0]
+    build = build_release(lake, tmp_path / "release")
+    assert same_tables(tmp_path / "release", reference[3])
+    assert build.mapped_rows == reference[2].mapped_rows  # no page landed twice
+    assert build.error_pages == 1  # the failed answer, landed as it came
+
+
+def test_a_cursor_that_does_not_advance_is_detected_and_stops_that_stream(sample, tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    asked: list[str | None] = []
+    with serve_sample(sample) as server:
+        busy = busiest(server, LIMIT)
+        list_images = server.list_images
+
+        def stuck(query: dict[str, str], base: str) -> dict:
+            payload = list_images(query, base)
+            if query["modelVersionId"] == str(busy):
+                asked.append(query.get("cursor"))
+                if query.get("cursor"):  # the server hands back the cursor it was given
+                    payload["metadata"]["nextCursor"] = query["cursor"]
+            return payload
+
+        server.list_images = stuck
+        first = crawl(lake, "w", client(server.url), images_limit=LIMIT)
+        first_asks = list(asked)
+        again = crawl(lake, "w", client(server.url), images_limit=LIMIT)
+    assert len(first_asks) == 2 and first_asks[0] is None  # page 1, then the stuck page
+    assert len(asked) == 3  # the rerun asks for the stuck page once more, and stops again
+    for report in (first, again):
+        assert not report.complete and report.stopped is None
+        (failure,) = report.failures
+        assert failure["stream"] == "images" and failure["key"] == str(busy)
+        assert "did not advance" in failure["error"] and not failure["permanent"]
+    states = checkpoint(lake, "w", "images")["versions"]
+    assert not states[str(busy)]["done"]
+    others = [s for v, s in states.items() if v != str(busy)]
+    assert others and all(s["done"] for s in others)  # every other stream completed
+    recorded = [
+        p.record["error"]
+        for p in iter_raw_pages(lake, streams=("images",))
+        if p.record.get("error") and "did not advance" in p.record["error"]
+    ]
+    assert len(recorded) == 2  # the reason is landed with the page, once per run
+
+
+def test_a_models_cursor_that_does_not_advance_stops_before_the_images(sample, tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    with serve_sample(sample) as server:
+        list_models = server.list_models
+
+        def stuck(query: dict[str, str], base: str) -> dict:
+            payload = list_models(query, base)
+            if query.get("cursor"):
+                payload["metadata"]["nextCursor"] = query["cursor"]
+            return payload
+
+        server.list_models = stuck
+        report = crawl(lake, "w", client(server.url), models_limit=10)
+    assert report.requests == 2 and report.pages == {"models": 1}
+    assert not report.complete and report.pages["images"] == 0
+    (failure,) = report.failures
+    assert failure["stream"] == "models" and "did not advance" in failure["error"]
+    assert not checkpoint(lake, "w", "models")["done"]
+
+
+def test_403_mid_crawl_stops_with_checkpoints_intact_and_resumes(sample, reference, tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    revoked = {"after": 40}  # image requests answered before the token is revoked
+    with serve_sample(sample) as server:
+        counted = {"images": 0}
+
+        def outage(path: str, query: dict[str, str]) -> int | None:
+            if revoked["after"] is None:
+                return None
+            if path == "/api/v1/images":
+                counted["images"] += 1
+            return 403 if counted["images"] > revoked["after"] else None
+
+        server.outage = outage
+        first = crawl(lake, "w", client(server.url), images_limit=LIMIT)
+        forbidden = server.stats["outage_403"]
+        before = checkpoint(lake, "w", "images")
+        revoked["after"] = None
+        second = crawl(lake, "w", client(server.url), images_limit=LIMIT)
+    assert first.stopped == "auth" and not first.complete
+    assert 1 <= forbidden <= 8  # no retries: at most the requests already in flight
+    assert first.pages["images"] >= 30 and first.pages["model_versions"] == 0
+    assert first.failures and {f["status"] for f in first.failures} == {403}
+    assert not any(f["permanent"] for f in first.failures)
+    # a refused stream is not marked done: the rerun with a valid token crawls it
+    refused = {f["key"] for f in first.failures}
+    assert refused and not any(before["versions"].get(v, {}).get("done") for v in refused)
+    assert checkpoint(lake, "w", "models")["done"]
+    assert second.complete and not second.failures and second.stopped is None
+    assert second.requests < reference[1].requests
+    build = build_release(lake, tmp_path / "release")
+    assert same_tables(tmp_path / "release", reference[3])
+    assert build.mapped_rows == reference[2].mapped_rows

@@ -116,6 +116,7 @@ def test_models_cursor_paging_newest_first_each_model_once(server, sample):
     assert len(ids) == len(set(ids)) and set(ids) == expected
     # newest first by the latest parseable publishedAt (planted bad dates do not count)
     latest = [model_sort_key(i)[0] for i in items]
+    assert len(latest) > 7  # several pages
     assert all(a >= b for a, b in zip(latest, latest[1:], strict=False))
     for item in items:
         assert set(item) == MODEL_KEYS
@@ -157,7 +158,7 @@ def test_representation_variants_all_occur(server):
     stamps = [v["publishedAt"] for m in models for v in m["modelVersions"]]
     assert any(s.endswith("Z") for s in stamps) and any(not s.endswith("Z") for s in stamps)
     assert {type(i["nsfwLevel"]) for i in images} == {int, str}
-    assert all(isinstance(i["browsingLevel"], int) for i in images)
+    assert images and all(isinstance(i["browsingLevel"], int) for i in images)
     metas = [i["meta"] for i in images]
     assert any(set(m) == {"id", "meta"} for m in metas) and any("prompt" in m for m in metas)
     flat = [m.get("meta", m) for m in metas]
@@ -182,7 +183,7 @@ def test_images_paging_with_empty_pages_and_meta_flag(server, sample):
             assert set(ids) == per_version[version]
             assert set(items[0]) == IMAGE_KEYS
         bare = http.get("/api/v1/images", params={"modelVersionId": busiest[0]}).json()
-        assert all(i["meta"] is None for i in bare["items"])
+        assert bare["items"] and all(i["meta"] is None for i in bare["items"])
     assert empty_pages > 0  # an empty items page with a nextCursor is not the end
 
 
@@ -237,11 +238,18 @@ def test_token_required_when_configured(sample):
 
 
 def test_rate_limit_answers_429_with_retry_after(sample):
-    with fs.serve_sample(sample, rate_limit=5) as server, httpx.Client(base_url=server.url) as http:
-        answers = [http.get("/api/v1/models", params={"limit": 1}) for _ in range(12)]
-    limited = [a for a in answers if a.status_code == 429]
-    assert limited and all(float(a.headers["retry-after"]) > 0 for a in limited)
-    assert sum(a.status_code == 200 for a in answers) >= 5
+    now = [0.0]  # the limiter's clock: stands still unless the test moves it
+    with (
+        fs.serve_sample(sample, rate_limit=5, clock=lambda: now[0]) as server,
+        httpx.Client(base_url=server.url) as http,
+    ):
+        burst = [http.get("/api/v1/models", params={"limit": 1}) for _ in range(8)]
+        now[0] += 0.4  # two tokens later
+        later = [http.get("/api/v1/models", params={"limit": 1}) for _ in range(3)]
+    assert [a.status_code for a in burst] == [200] * 5 + [429] * 3
+    assert [float(a.headers["retry-after"]) for a in burst[5:]] == [0.2] * 3
+    assert [a.status_code for a in later] == [200, 200, 429]
+    assert server.stats["rate_limited"] == 4
 
 
 def fault_sequence(sample: Path, seed: int) -> list[tuple[int | str, str]]:
@@ -307,13 +315,44 @@ def test_retrying_a_faulty_request_gets_the_same_items(sample):
 def test_slow_fault_outlasts_the_client_timeout(sample):
     with (
         fs.serve_sample(
-            sample, fault_rate=1.0, faults=("slow",), slow_seconds=1.0, max_consecutive_faults=1
-        ) as server,
-        httpx.Client(base_url=server.url, timeout=0.2) as http,
+            sample, fault_rate=1.0, faults=("slow",), slow_seconds=600, max_consecutive_faults=1
+        ) as server,  # a slow answer waits until the server stops
+        httpx.Client(base_url=server.url, timeout=1.0) as http,
     ):
         with pytest.raises(httpx.TimeoutException):
             http.get("/api/v1/models", params={"limit": 1})
         assert http.get("/api/v1/models", params={"limit": 1}).status_code == 200
+
+
+def test_scripted_outage_answers_the_status_it_returns(sample):
+    def outage(path: str, query: dict[str, str]) -> int | None:
+        return {"7": 503, "8": 403}.get(query.get("modelVersionId", ""))
+
+    with (
+        fs.serve_sample(sample, outage=outage, retry_after=0.25) as server,
+        httpx.Client(base_url=server.url) as http,
+    ):
+        busy = http.get("/api/v1/images", params={"modelVersionId": 7})
+        refused = http.get("/api/v1/images", params={"modelVersionId": 8})
+        fine = http.get("/api/v1/models", params={"limit": 1})
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "0.25"
+    assert refused.status_code == 403 and "retry-after" not in refused.headers
+    assert fine.status_code == 200
+    assert server.stats["outage_503"] == 1 and server.stats["outage_403"] == 1
+
+
+def test_requests_after_hold_after_wait_until_released(sample):
+    with (
+        fs.serve_sample(sample, hold_after=1) as server,
+        httpx.Client(base_url=server.url, timeout=1.0) as http,
+    ):
+        assert http.get("/api/v1/models", params={"limit": 1}).status_code == 200
+        with pytest.raises(httpx.TimeoutException):  # held: no answer at all
+            http.get("/api/v1/models", params={"limit": 1})
+        assert server.stats["held"] == 1
+        server.release()
+        assert http.get("/api/v1/models", params={"limit": 1}).status_code == 200
+        assert server.stats["held"] == 1
 
 
 def test_cli_serves_until_sigterm(sample):
