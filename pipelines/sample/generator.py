@@ -58,6 +58,7 @@ from pipelines.sample.world import (
     derive_sizes,
     plan_world,
 )
+from warehouse.files import atomic_local_path, atomic_write_bytes
 
 GENERATOR_NAME = "imagegem-sample"
 GENERATOR_VERSION = "1.3.0"
@@ -246,19 +247,10 @@ def _names_digest(names: list[str]) -> str:
 # Writing
 
 
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    """Write `table` to `path` atomically (temp file + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_path(path)
-    try:
+    """Write `table` to `path` atomically (see warehouse.files)."""
+    with atomic_local_path(str(path)) as temp:
         pq.write_table(table, temp, compression=PARQUET_COMPRESSION)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 class _AtomicParquetStream:
@@ -266,13 +258,14 @@ class _AtomicParquetStream:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.temp = _temp_path(path)
+        self._publish = atomic_local_path(str(path))
+        self.temp: str | None = None
         self.writer: pq.ParquetWriter | None = None
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
         if self.writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.temp = self._publish.__enter__()
             self.writer = pq.ParquetWriter(self.temp, table.schema, compression=PARQUET_COMPRESSION)
         self.writer.write_table(table)
         self.rows += table.num_rows
@@ -280,12 +273,13 @@ class _AtomicParquetStream:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            os.replace(self.temp, self.path)
+            self._publish.__exit__(None, None, None)
 
     def abort(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        self.temp.unlink(missing_ok=True)
+            error = RuntimeError("sample generation aborted")
+            self._publish.__exit__(RuntimeError, error, None)
 
 
 def image_shard_bounds(world: World, rows_per_shard: int) -> list[tuple[int, int]]:
@@ -404,9 +398,9 @@ def generate_sample(out: Path, spec: SampleSpec, progress: Progress | None = Non
     if media_section:
         manifest["media"] = media_section
     manifest_path = out / MANIFEST_NAME
-    temp = _temp_path(manifest_path)
-    temp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(temp, manifest_path)
+    atomic_write_bytes(
+        str(manifest_path), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    )
     return SampleSummary(
         out=out,
         spec=spec,
