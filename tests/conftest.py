@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import pytest
@@ -19,6 +22,9 @@ from warehouse.safety import LexiconScorer
 from warehouse.schema import IMAGES, MODELS
 from warehouse.tables import DERIVED, build_derived
 
+if TYPE_CHECKING:
+    import dagster as dg
+
 SALT = "test-salt"
 
 
@@ -30,9 +36,7 @@ class WarehouseRun:
 
     def q(self, sql: str) -> list[tuple]:
         """Run ``sql`` where ``{table}`` stands for that lake table's committed Parquet."""
-        resolved = re.sub(
-            r"\{([a-z_/]+)\}", lambda m: f"read_parquet('{self.lake.glob(m.group(1))}')", sql
-        )
+        resolved = re.sub(r"\{([a-z_/]+)\}", lambda m: self.lake.scan(m.group(1)), sql)
         return self.con.execute(resolved).fetchall()
 
     def rows(self, table: str, select: str = "SELECT *") -> list[tuple]:
@@ -59,9 +63,38 @@ def run_warehouse(release: Path, lake_root: Path, cfg: CleanConfig | None = None
     return WarehouseRun(lake, con, reports)
 
 
+def assert_every_check_passed(result: dg.ExecuteInJobResult) -> set[tuple[str, str]]:
+    """Every declared check of every asset the run materialized was evaluated and passed.
+
+    Returns the (asset, check) pairs evaluated, never empty: a run whose checks did not run
+    fails here instead of passing an ``all(...)`` over nothing.
+    """
+    from pipelines.definitions import defs
+
+    materialized = {e.asset_key for e in result.get_asset_materialization_events()}
+    declared = {
+        (key.asset_key.to_user_string(), key.name)
+        for definition in (*defs.assets, *defs.asset_checks)  # checks declared either way
+        for key in getattr(definition, "check_keys", ())
+        if key.asset_key in materialized
+    }
+    outcomes = {
+        (c.asset_key.to_user_string(), c.check_name): c.passed
+        for c in result.get_asset_check_evaluations()
+    }
+    assert declared, "the run materialized no asset that has checks"
+    assert set(outcomes) == declared
+    assert [key for key, passed in outcomes.items() if not passed] == []
+    return set(outcomes)
+
+
 @pytest.fixture(scope="session")
-def s3():
-    """A local S3 (moto server on 127.0.0.1) with a bucket ``imagegem``; yields s3fs options."""
+def s3_endpoint() -> Iterator[str]:
+    """A local S3 (moto server on 127.0.0.1) shared by the session; yields its endpoint URL.
+
+    Tests never use it directly: they take ``s3`` (fresh options) and ``s3_bucket`` (a fresh,
+    empty bucket), so nothing one test writes is seen by another.
+    """
     import socket
 
     import boto3
@@ -79,9 +112,27 @@ def s3():
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
         region_name="us-east-1",
-    ).create_bucket(Bucket="imagegem")
-    yield {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
+    ).create_bucket(Bucket="imagegem")  # kept for tests written against the old fixture
+    yield endpoint
     server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint: str) -> dict:
+    """s3fs storage options for the local S3: a new dict per test (mutating it leaks nowhere)."""
+    return {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint}}
+
+
+@pytest.fixture
+def s3_bucket(s3: dict) -> str:
+    """A fresh, empty bucket of the local S3 for this test only; its name (no ``s3://``)."""
+    import s3fs
+
+    name = f"imagegem-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(**s3)
+    fs.mkdir(name)
+    fs.invalidate_cache()
+    return name
 
 
 @pytest.fixture

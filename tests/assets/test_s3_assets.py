@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import pyarrow.parquet as pq
+import pytest
 import s3fs
 
 from pipelines.resources import ImageGemSettings
 from pipelines.runner import materialize_all
+from tests.conftest import assert_every_check_passed
 from tests.factory import image_row, model_row, to_table
 from warehouse.catalog import connect_readonly
 from warehouse.schema import IMAGES, MODELS
 
+pytestmark = pytest.mark.slow
 
-def test_materialize_with_s3_release_and_s3_lake(s3, tmp_path, monkeypatch):
+
+def test_materialize_with_s3_release_and_s3_lake(s3, s3_bucket, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3["key"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3["secret"])
     fs = s3fs.S3FileSystem(**s3)
@@ -21,20 +25,26 @@ def test_materialize_with_s3_release_and_s3_lake(s3, tmp_path, monkeypatch):
         ("images", images, IMAGES),
         ("models", [model_row(1), model_row(2)], MODELS),
     ):
-        with fs.open(f"imagegem/assets-release/{name}/part-0.parquet", "wb") as f:
+        with fs.open(f"{s3_bucket}/assets-release/{name}/part-0.parquet", "wb") as f:
             pq.write_table(to_table(rows, table), f)
 
     settings = ImageGemSettings(
-        home="s3://imagegem/home",
+        home=f"s3://{s3_bucket}/home",
         source="release",
-        release_path="s3://imagegem/assets-release",
+        release_path=f"s3://{s3_bucket}/assets-release",
         catalog=str(tmp_path / "warehouse.duckdb"),
         s3_endpoint_url=s3["client_kwargs"]["endpoint_url"],
     )
     result = materialize_all(settings)
     assert result.success
-    assert all(c.passed for c in result.get_asset_check_evaluations())
-    assert fs.exists(f"imagegem/home/lake/images/{settings.lake().current('images').name}")
+    checks = assert_every_check_passed(result)
+    assert {("images", "reconciliation"), ("warehouse_catalog", "no_raw_usernames")} <= checks
+    assert fs.exists(f"{s3_bucket}/home/lake/images/{settings.lake().current('images').name}")
+    assert not (tmp_path / "lake").exists()  # the lake went to S3, not next to the catalog
     con = connect_readonly(settings.catalog_path(), settings.lake())
-    assert con.execute("SELECT count(*) FROM images").fetchone() == (7,)
-    assert con.execute("SELECT reason FROM quarantine").fetchall() == [("unsafe: browsingLevel",)]
+    assert con.execute("SELECT imageId FROM images ORDER BY 1").fetchall() == [
+        (i,) for i in range(1, 8)
+    ]
+    assert con.execute("SELECT reason, record_key FROM quarantine").fetchall() == [
+        ("unsafe: browsingLevel", "imageId=50/modelVersionId=1")
+    ]

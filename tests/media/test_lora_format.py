@@ -184,7 +184,9 @@ def test_loading_checks_shapes_against_a_module_set() -> None:
     modules = lf.sd15_modules(lf.SAMPLE_WIDTHS, kinds=lf.W2W_KINDS)
     layers = _layers(modules, rank=1)
     data = lf.save_lora_bytes(layers)
-    lf.load_lora(data, modules=modules)
+    loaded = lf.load_lora(data, modules=modules)
+    assert list(loaded.layers) == [m.name for m in modules]
+    assert modules and all(loaded.layers[m.name].rank == 1 for m in modules)
     with pytest.raises(lf.LoraFormatError, match="not in the expected module set"):
         lf.load_lora(data, modules=modules[:-1])
     with pytest.raises(lf.LoraFormatError, match="do not match"):
@@ -208,14 +210,26 @@ def test_pickles_and_zips_are_recognised_by_their_first_bytes() -> None:
     assert lf.sniff_format(_torch_style_zip(payload)) == "zip"
     assert lf.sniff_format(lf.safetensors_bytes({"x": np.zeros(1, np.float16)})) == "safetensors"
     assert lf.sniff_format(b"<html>") == "unknown"
-    for name in ("x.ckpt", "x.PT", "x.bin", "x.pth", "x.pkl"):
-        assert lf.refusal_reason(file_name=name) is not None
-    assert "PickleTensor" in (lf.refusal_reason("x.safetensors", "PickleTensor") or "")
+    for name, ext in (
+        ("x.ckpt", ".ckpt"),
+        ("x.PT", ".pt"),
+        ("x.bin", ".bin"),
+        ("x.pth", ".pth"),
+        ("x.pkl", ".pkl"),
+        (" y.pickle ", ".pickle"),
+    ):
+        assert lf.refusal_reason(file_name=name) == f"refused: pickle extension {ext}"
+    assert lf.refusal_reason("x.safetensors", "PickleTensor") == (
+        "refused: declared format PickleTensor"
+    )
     assert lf.refusal_reason("x.safetensors", "SafeTensor", b"\x80\x04rest") == (
         "refused: pickle content"
     )
-    assert lf.refusal_reason("x.safetensors", "SafeTensor", b"PK\x03\x04") is not None
+    assert lf.refusal_reason("x.safetensors", "SafeTensor", b"PK\x03\x04") == (
+        "refused: zip (torch pickle) content"
+    )
     assert lf.refusal_reason("x.safetensors", "SafeTensor", b"\x10\x00\x00\x00") is None
+    assert lf.refusal_reason() is None  # nothing known: nothing to refuse on
 
 
 class _Boom:

@@ -1,26 +1,41 @@
-"""The imagegem command line: sample, sql (read-only), tour."""
+"""The imagegem command line: sample, sql (read-only), tour.
+
+Every answer the CLI prints is checked against a value computed independently of the catalog
+and the CLI: straight from the lake's Parquet files with pyarrow.
+"""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main
 from pipelines.resources import ImageGemSettings
 from pipelines.runner import materialize_all
+from pipelines.sample.generator import SampleSpec
+from warehouse.lake import Lake
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
+def home(tmp_path_factory) -> Path:
+    """A materialized home, shared by the module; the CLI only ever opens it read-only."""
     home = tmp_path_factory.mktemp("home")
     result = materialize_all(ImageGemSettings(home=str(home), sample_users=80))
     assert result.success
     return home
+
+
+@pytest.fixture(scope="module")
+def lake(home: Path) -> Lake:
+    return Lake(str(home / "lake"))
 
 
 def cli(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
@@ -35,39 +50,151 @@ def cli(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
     )
 
 
-def test_sql_prints_a_table(home):
-    out = cli("sql", "SELECT count(*) AS n_loras FROM loras", home=home)
+def box_rows(text: str) -> list[list[str]]:
+    """The data rows of a DuckDB box table (header, type row and elision rows dropped)."""
+    rows = [
+        [cell.strip() for cell in line.strip().strip("│").split("│")]
+        for line in text.splitlines()
+        if line.startswith("│")
+    ]
+    return [r for r in rows[2:] if any(c not in ("", "·") for c in r)]
+
+
+def sections(tour: str) -> dict[str, str]:
+    """The tour's output per question: the text after ``== name:`` up to the next one."""
+    parts = tour.split("\n== ")[1:]
+    return {part.split(":", 1)[0]: part for part in parts}
+
+
+def ok(out: subprocess.CompletedProcess) -> str:
     assert out.returncode == 0, out.stderr
-    assert "n_loras" in out.stdout
+    assert "Traceback" not in out.stderr
+    return out.stdout
 
 
+def failed(out: subprocess.CompletedProcess) -> str:
+    """A clean failure: exit code 2, one message on stderr, no traceback, nothing on stdout."""
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert out.stderr.strip() and "Traceback" not in out.stderr
+    assert out.stdout == ""
+    return out.stderr
+
+
+# -- sql ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sql_prints_the_count_of_the_lake_table(home, lake):
+    rows = box_rows(ok(cli("sql", "SELECT count(*) AS n_loras FROM loras", home=home)))
+    n_loras = lake.read_table("loras").num_rows
+    assert n_loras > 100 and rows == [[str(n_loras)]]
+
+
+@pytest.mark.slow
+def test_sql_prints_every_row_of_a_grouped_answer(home, lake):
+    query = "SELECT baseModel, count(*) AS n FROM loras GROUP BY 1 ORDER BY n DESC, baseModel"
+    rows = box_rows(ok(cli("sql", query, "--max-rows", "100", home=home)))
+    counts = Counter(lake.read_table("loras").column("baseModel").to_pylist())
+    expected = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    assert len(expected) > 6
+    assert rows == [[name, str(n)] for name, n in expected]
+
+
+@pytest.mark.slow
 def test_sql_variables_for_parameterised_questions(home):
-    out = cli("sql", "SELECT getvariable('x') + 1 AS y", "--var", "x", "41", home=home)
-    assert out.returncode == 0 and "42" in out.stdout
+    number = cli("sql", "SELECT getvariable('x') + 1 AS y", "--var", "x", "41", home=home)
+    assert box_rows(ok(number)) == [["42"]]  # digits become an integer
+    text = cli("sql", "SELECT getvariable('t') || '!' AS t", "--var", "t", "anime", home=home)
+    assert box_rows(ok(text)) == [["anime!"]]
 
 
+@pytest.mark.slow
 def test_sql_is_read_only(home):
-    out = cli("sql", "CREATE TABLE t AS SELECT 1", home=home)
-    assert out.returncode == 2
-    assert "read-only" in out.stderr.lower()
+    error = failed(cli("sql", "CREATE TABLE t AS SELECT 1", home=home))
+    assert error.startswith("imagegem sql:") and "read-only" in error
+    missing = failed(cli("sql", "SELECT * FROM t", home=home))
+    assert "Table with name t does not exist" in missing  # nothing was created
 
 
-def test_sql_errors_are_one_clear_line(home, tmp_path):
-    bad = cli("sql", "SELEC nonsense", home=home)
-    assert bad.returncode == 2 and "imagegem sql:" in bad.stderr and "Traceback" not in bad.stderr
-    missing = cli("sql", "SELECT 1", home=tmp_path)
-    assert missing.returncode == 2 and "no warehouse catalog" in missing.stderr
+@pytest.mark.slow
+def test_sql_errors_exit_2_with_the_database_message(home):
+    syntax = failed(cli("sql", "SELEC nonsense", home=home))
+    assert syntax.startswith('imagegem sql: Parser Error: syntax error at or near "SELEC"')
+    table = failed(cli("sql", "SELECT * FROM no_such_table", home=home))
+    assert table.startswith("imagegem sql: Catalog Error") and "no_such_table" in table
 
 
-def test_tour_answers_every_question(home):
-    out = cli("tour", home=home)
-    assert out.returncode == 0, out.stderr
-    for name in ("unique_prompts", "loras_with_tag", "images_by_other_users"):
-        assert f"== {name}" in out.stdout
-    assert "warehouse.duckdb" in out.stdout
+def test_sql_without_a_catalog_names_the_missing_file(tmp_path):
+    error = failed(cli("sql", "SELECT 1", home=tmp_path))
+    assert error.startswith("imagegem sql: no warehouse catalog at ")
+    assert str(tmp_path / "warehouse.duckdb") in error
 
 
-def test_sample_command_writes_a_release(tmp_path, capsys):
-    assert main(["sample", "--out", str(tmp_path / "s"), "--users", "40", "--seed", "3"]) == 0
-    assert list((tmp_path / "s" / "images").glob("*.parquet"))
-    assert (tmp_path / "s" / "truth").is_dir() and (tmp_path / "s" / "manifest.json").exists()
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("sql",), "the following arguments are required: query"),
+        (("no-such-command",), "invalid choice: 'no-such-command'"),
+        (("sql", "SELECT 1", "--var", "x"), "expected 2 arguments"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_message(args, message):
+    error = failed(cli(*args))
+    assert error.startswith("usage: imagegem") and message in error
+
+
+# -- tour --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tour_prints_the_answers(home, lake):
+    out = ok(cli("tour", home=home))
+    assert f"The warehouse catalog is {home / 'warehouse.duckdb'}" in out
+    images = lake.read_table("images")
+    answers = sections(out)
+    # unique prompts and negative prompts of the clean images
+    prompts = {p for p in images.column("prompt").to_pylist() if p is not None}
+    negatives = {p for p in images.column("negativePrompt").to_pylist() if p is not None}
+    assert box_rows(answers["unique_prompts"]) == [[str(len(prompts)), str(len(negatives))]]
+    # base model families: the most and least frequent shown, and how many there are
+    counts = Counter(lake.read_table("loras").column("baseModel").to_pylist())
+    families = [
+        [name, str(n)] for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    ]
+    shown = box_rows(answers["base_model_families"])
+    assert shown == families[:3] + families[-3:] and len(families) > 6
+    assert f"{len(families)} rows (6 shown)" in answers["base_model_families"]
+    # images made with more than one LoRA: how many, and the first one
+    per_image = Counter(images.column("imageId").to_pylist())
+    multi = sorted((-n, image) for image, n in per_image.items() if n > 1)
+    assert len(multi) > 6 and f"{len(multi)} rows (6 shown)" in answers["multi_lora_images"]
+    first = box_rows(answers["multi_lora_images"])[0]
+    assert first[:2] == [str(multi[0][1]), str(-multi[0][0])]
+    # Table 1: "filtered" counts the clean image rows, "raw" adds those the safety filter took
+    table1 = {r[0]: r for r in box_rows(out.split("\n== ")[0])}
+    reasons = lake.read_table("quarantine/images").column("reason").to_pylist()
+    unsafe = sum(reason.startswith("unsafe:") for reason in reasons)
+    assert unsafe > 0 and table1["filtered"][1] == str(images.num_rows)
+    assert table1["raw"][1] == str(images.num_rows + unsafe)
+    # and every example question is answered, none with an error
+    from warehouse.sqlfiles import questions
+
+    assert set(answers) == set(questions())
+    assert [name for name, text in answers.items() if not box_rows(text)] == []
+
+
+# -- sample ------------------------------------------------------------------------------------
+
+
+def test_sample_command_writes_the_requested_release(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["sample", "--out", str(out), "--users", "40", "--seed", "3"]) == 0
+    spec = SampleSpec(users=40, seed=3)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["spec"] == spec.to_dict()
+    image_rows = sum(pq.read_metadata(p).num_rows for p in (out / "images").glob("*.parquet"))
+    model_rows = sum(pq.read_metadata(p).num_rows for p in (out / "models").glob("*.parquet"))
+    assert (image_rows, model_rows) == (spec.image_rows, spec.model_rows)
+    assert list((out / "truth").glob("*.parquet"))
+    printed = capsys.readouterr()
+    assert str(out) in printed.out and f"{spec.image_rows:,}" in printed.err  # progress

@@ -10,16 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.sample.generator import read_manifest
-
-# Published ImageGem shape ratios (paper Table 1, after the safety filter).
-PUBLISHED_RATIOS: dict[str, float] = {
-    "users_per_uploader": 3.03,
-    "loras_per_uploader": 12.8,
-    "image_rows_per_user": 85.9,
-    "unique_prompts_per_image_row": 0.589,
-    "unique_tags_per_lora": 0.40,
-    "unsafe_share_of_raw_rows": 0.131,
-}
+from warehouse.stats import PAPER_RATIOS
 
 
 def _read_shards(out: Path, files: list[str]) -> pa.Table:
@@ -73,7 +64,8 @@ def scalar(con: duckdb.DuckDBPyConnection, sql: str) -> object:
 
 
 def shape_ratios(con: duckdb.DuckDBPyConnection) -> dict[str, float]:
-    """The paper's shape ratios, computed the way the pipeline does over the clean rows."""
+    """The paper's shape ratios (the keys of ``PAPER_RATIOS``), computed the way the pipeline
+    does, over the rows the truth calls clean."""
     users = scalar(
         con,
         "select count(distinct u) from (select userHash u from clean_images "
@@ -90,11 +82,13 @@ def shape_ratios(con: duckdb.DuckDBPyConnection) -> dict[str, float]:
     )
     raw_rows = scalar(con, "select count(*) from image_truth")
     unsafe_rows = scalar(con, "select count(*) from image_truth where unsafe_kind is not null")
-    return {
+    ratios = {
         "users_per_uploader": users / uploaders,
         "loras_per_uploader": loras / uploaders,
-        "image_rows_per_user": image_rows / users,
-        "unique_prompts_per_image_row": prompts / image_rows,
+        "images_per_user": image_rows / users,
+        "unique_prompts_per_image": prompts / image_rows,
         "unique_tags_per_lora": tags / loras,
-        "unsafe_share_of_raw_rows": unsafe_rows / raw_rows,
+        "safety_removed_share": unsafe_rows / raw_rows,
     }
+    assert ratios.keys() == PAPER_RATIOS.keys()
+    return ratios

@@ -1,21 +1,38 @@
+"""The versioned Parquet lake: commit, read, scan from SQL, failed writes, pruning."""
+
 from __future__ import annotations
 
+import duckdb
 import pyarrow as pa
 import pytest
 
-from warehouse.lake import KEEP_VERSIONS, Lake
+from warehouse.lake import CURRENT, KEEP_VERSIONS, Lake
 
 
 def test_write_commit_read_roundtrip(tmp_path):
     lake = Lake(str(tmp_path))
-    lake.write_table("stats/x", pa.table({"a": [1, 2]}))
+    version = lake.write_table("stats/x", pa.table({"a": [1, 2]}))
+    assert lake.current("stats/x") == version
+    assert (tmp_path / "stats" / "x" / CURRENT).read_text() == version.name
     assert lake.read_table("stats/x").column("a").to_pylist() == [1, 2]
-    assert lake.glob("stats/x").endswith("*.parquet")
+    assert lake.glob("stats/x") == f"{tmp_path}/stats/x/{version.name}/*.parquet"
+
+
+def test_scan_is_the_sql_of_the_committed_version(tmp_path):
+    root = tmp_path / "it's here"  # a quote in the path must not break the SQL
+    lake = Lake(str(root))
+    lake.write_table("t", pa.table({"a": [1, 2, 3]}))
+    lake.write_table("t", pa.table({"a": [7, 8]}))  # a second commit replaces the first
+    assert duckdb.sql(f"SELECT sum(a), count(*) FROM {lake.scan('t')}").fetchall() == [(15, 2)]
+    assert lake.scan("t") == "read_parquet('" + lake.glob("t").replace("'", "''") + "')"
 
 
 def test_uncommitted_table_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="materialize"):
-        Lake(str(tmp_path)).glob("never_written")
+    lake = Lake(str(tmp_path))
+    assert lake.current("never_written") is None
+    for read in (lake.glob, lake.scan, lake.read_table):
+        with pytest.raises(FileNotFoundError, match="'never_written'.*materialize"):
+            read("never_written")
 
 
 def test_failed_write_keeps_previous_version_readable(tmp_path):

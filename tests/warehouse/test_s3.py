@@ -15,30 +15,22 @@ from warehouse.schema import IMAGES, MODELS
 from warehouse.tables import build_derived
 
 
-def test_release_on_s3_lands_cleans_and_derives_into_an_s3_lake(s3):
+def test_release_on_s3_lands_cleans_and_derives_into_an_s3_lake(s3, s3_bucket):
     fs = s3fs.S3FileSystem(**s3)
+    release = f"s3://{s3_bucket}/release"
+    images = [image_row(i, 1 + i % 2) for i in range(1, 6)] + [image_row(9, width=-1)]
     for name, rows, table in (
-        (
-            "images",
-            [image_row(i, 1 + i % 2) for i in range(1, 6)] + [image_row(9, width=-1)],
-            IMAGES,
-        ),
+        ("images", images, IMAGES),
         ("models", [model_row(1), model_row(2)], MODELS),
     ):
-        with fs.open(f"imagegem/release/{name}/part-0.parquet", "wb") as f:
+        with fs.open(f"{s3_bucket}/release/{name}/part-0.parquet", "wb") as f:
             pq.write_table(to_table(rows, table), f)
 
-    files = discover("s3://imagegem/release", IMAGES, s3)
-    assert files == ["s3://imagegem/release/images/part-0.parquet"]
-    lake = Lake("s3://imagegem/lake", s3)
+    assert discover(release, IMAGES, s3) == [f"{release}/images/part-0.parquet"]
+    lake = Lake(f"s3://{s3_bucket}/lake", s3)
     for table in (IMAGES, MODELS):
         land_release_table(
-            lake,
-            f"raw/{table.name}",
-            discover("s3://imagegem/release", table, s3),
-            table,
-            "salt",
-            s3,
+            lake, f"raw/{table.name}", discover(release, table, s3), table, "salt", s3
         )
     con = connect(lake)
     cfg = CleanConfig()
@@ -49,7 +41,16 @@ def test_release_on_s3_lands_cleans_and_derives_into_an_s3_lake(s3):
     assert [r.rows_out for r in reports] == [2, 5]
     assert reports[1].reasons == {"non-positive width/height": 1}
     assert build_derived(con, lake, "users") == 2
-    assert fs.exists(f"imagegem/lake/images/{lake.current('images').name}/part-00000.parquet")
-    assert con.execute(
-        f"SELECT count(*) FROM read_parquet('{lake.glob('quarantine/images')}')"
-    ).fetchone() == (1,)
+    assert fs.exists(f"{s3_bucket}/lake/images/{lake.current('images').name}/part-00000.parquet")
+    # the rows read back from S3 are the good ones, and the bad one is quarantined with its key
+    kept = con.execute(f"SELECT imageId FROM {lake.scan('images')} ORDER BY 1").fetchall()
+    assert kept == [(i,) for i in range(1, 6)]
+    quarantined = con.execute(
+        f"SELECT reason, record_key FROM {lake.scan('quarantine/images')}"
+    ).fetchall()
+    assert quarantined == [("non-positive width/height", "imageId=9/modelVersionId=1")]
+
+
+def test_each_test_gets_a_fresh_empty_bucket(s3, s3_bucket):
+    fs = s3fs.S3FileSystem(**s3)
+    assert fs.ls(s3_bucket, refresh=True) == []  # exists (ls of a missing bucket raises)
