@@ -95,7 +95,8 @@ def landed(tmp_path) -> Lake:
 def test_layout_names_windows_and_parts():
     assert cr.window_dir("2024-01-01", "images") == "raw/civitai/window=2024-01-01/images"
     assert cr.PART_PATTERN.match(cr.part_name(7))
-    assert cr.part_name(7) != cr.part_name(7)  # a random suffix: a rerun never overwrites
+    first, second = cr.part_name(7), cr.part_name(7)
+    assert first != second  # a random suffix: a rerun never overwrites
     cr.check_window("2024-01-01")
     for bad in ("", "a/b", "../up", ".hidden", "x" * 101):
         with pytest.raises(ValueError, match="window"):
