@@ -27,13 +27,6 @@ TESTS = Path(__file__).resolve().parent
 # Known offenders in files another change is fixing, as "path::function: rule". An entry that no
 # longer matches fails the test too: delete it when its test is fixed.
 KNOWN: set[str] = {
-    "civitai/test_civitai_map.py::test_unmappable_version_is_quarantined_and_the_others_kept: all",
-    "civitai/test_crawl.py::test_crawl_rebuilds_the_sample_release: all",
-    "civitai/test_crawl.py::test_unknown_model_versions_are_fetched_and_404s_recorded: all",
-    "civitai/test_crawl.py::test_remote_lake_and_release_folder: all",
-    "civitai/test_fake_server.py::test_models_cursor_paging_newest_first_each_model_once: all",
-    "civitai/test_fake_server.py::test_representation_variants_all_occur: all",
-    "civitai/test_fake_server.py::test_images_paging_with_empty_pages_and_meta_flag: all",
     "media/test_downloaders.py::test_bad_images_are_quarantined_with_reasons: all",
     "media/test_downloaders.py::test_loras_are_downloaded_verified_and_pickles_refused_unrequested: all",
     "media/test_downloaders.py::test_traversal_names_are_neutralised: all",
