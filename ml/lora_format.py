@@ -1,6 +1,6 @@
 """kohya / A1111 LoRA files for SD 1.5: key layout, shapes, state dicts, safe reading.
 
-A kohya LoRA holds three tensors per adapted module (REFERENCES.md, "LoRA files")::
+A kohya LoRA (the layout kohya-ss sd-scripts writes) holds three tensors per adapted module::
 
     <name>.lora_down.weight   [r, in]     (1x1 conv: [r, in, 1, 1])
     <name>.lora_up.weight     [out, r]    (1x1 conv: [out, r, 1, 1])

@@ -38,14 +38,13 @@ from typing import Any
 import pyarrow as pa
 
 from warehouse.quarantine import QuarantineRecord, payload_text
-from warehouse.schema import IMAGES, MODELS, ReleaseTable
+from warehouse.schema import IMAGES, MODELS, RELEASE_TIMESTAMP_FORMAT, ReleaseTable
 
 SOURCE = "civitai"  # quarantine source and step of everything mapped here
 STEP = "crawl"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 
-# Legacy image nsfwLevel names → browsingLevel bitmask (REFERENCES: None=1, Soft=3, ...).
+# Legacy image nsfwLevel names → browsingLevel bitmask (Civitai's API: None=1, Soft=3, ...).
 LEGACY_NSFW_LEVELS: dict[str, int] = {"None": 1, "Soft": 3, "Mature": 7, "X": 31}
 HASH_KINDS: tuple[str, ...] = ("AutoV1", "AutoV2", "SHA256", "CRC32", "BLAKE3")
 
@@ -191,7 +190,7 @@ def timestamp_text(value: Any) -> str | None:
     if isinstance(value, int | float):
         seconds = value / 1000 if abs(value) > 1e11 else value
         try:
-            return datetime.fromtimestamp(seconds, UTC).strftime(TIMESTAMP_FORMAT)
+            return datetime.fromtimestamp(seconds, UTC).strftime(RELEASE_TIMESTAMP_FORMAT)
         except (OverflowError, OSError, ValueError):
             return str(value)
     text = str(value).strip()
@@ -201,7 +200,7 @@ def timestamp_text(value: Any) -> str | None:
         return str(value)
     if parsed.tzinfo is not None:
         parsed = parsed.astimezone(UTC).replace(tzinfo=None)
-    return parsed.strftime(TIMESTAMP_FORMAT)
+    return parsed.strftime(RELEASE_TIMESTAMP_FORMAT)
 
 
 def parse_timestamp(value: Any) -> datetime | None:
@@ -210,7 +209,7 @@ def parse_timestamp(value: Any) -> datetime | None:
     if text is None:
         return None
     try:
-        return datetime.strptime(text, TIMESTAMP_FORMAT)
+        return datetime.strptime(text, RELEASE_TIMESTAMP_FORMAT)
     except ValueError:
         return None
 

@@ -42,7 +42,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from warehouse import civitai_map as cm
-from warehouse.files import fsync_dir
+from warehouse.duck import quote
+from warehouse.files import fsync_dir, fsync_tree
 from warehouse.lake import Lake, is_remote
 from warehouse.quarantine import QuarantineRecord
 from warehouse.schema import IMAGES, MODELS, ReleaseTable
@@ -248,7 +249,7 @@ def build_release(
             for table in RELEASE_TABLES:
                 key = ", ".join(f'"{k}"' for k in table.key)
                 columns = ", ".join(f'"{c}"' for c in table.column_names)
-                source = "read_parquet('" + spools[table.name].path.replace("'", "''") + "')"
+                source = f"read_parquet({quote(spools[table.name].path)})"
                 query = (
                     f"SELECT {columns} FROM {source} "
                     f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY _priority DESC, "
@@ -325,11 +326,6 @@ def _map_page(page: RawPage, spools: dict[str, _RowSpool], build: ReleaseBuild) 
         "_line": page.line,
     }
     spools[target].add(mapped.rows, lineage)
-
-
-def _fsync_file(path: str) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 class _Output:
@@ -419,11 +415,7 @@ class _Output:
                     if strip(path) not in keep:
                         self.fs.rm(path)
             return
-        for relative in self.written:
-            _fsync_file(os.path.join(self.root, relative))
-        for folder in {os.path.dirname(r) for r in self.written}:
-            fsync_dir(os.path.join(self.root, folder))
-        fsync_dir(self.root)
+        fsync_tree(self.root)
         old = None
         if os.path.exists(self.out):
             old = f"{self.root}.old"

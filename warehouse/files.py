@@ -29,6 +29,20 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def fsync_file(path: str) -> None:
+    """Flush one local file's data to disk."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_tree(folder: str) -> None:
+    """Flush every file under a local folder, then the folders themselves."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fsync_file(os.path.join(root, name))
+        fsync_dir(root)
+
+
 @contextmanager
 def atomic_local_path(path: str, suffix: str = ".tmp") -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto
@@ -41,8 +55,7 @@ def atomic_local_path(path: str, suffix: str = ".tmp") -> Iterator[str]:
     try:
         yield tmp
         if os.path.exists(tmp):
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
+            fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         with suppress(OSError):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import posixpath
 import secrets
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from datetime import UTC, datetime
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from warehouse.files import atomic_write_bytes, fsync_tree
 
 CURRENT = "_CURRENT"
 VERSION_PREFIX = "version-"
@@ -105,17 +106,14 @@ class Lake:
         return version
 
     def commit(self, version: TableVersion) -> None:
-        """Make ``version`` the table's current version, atomically; prune old versions."""
+        """Make ``version`` the table's current version, atomically; prune old versions.
+
+        Locally the version's files are fsynced before the pointer moves, so after a crash the
+        pointer never names data that did not reach the disk."""
+        if not self.remote:
+            fsync_tree(version.path)
         pointer = posixpath.join(self.table_dir(version.table), CURRENT)
-        if self.remote:
-            self.fs.pipe_file(pointer, version.name.encode())
-        else:
-            fd, tmp = tempfile.mkstemp(dir=self.table_dir(version.table), prefix=".current-")
-            with os.fdopen(fd, "w") as f:
-                f.write(version.name)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, pointer)
+        atomic_write_bytes(pointer, version.name.encode(), self.fs if self.remote else None)
         self._prune(version.table, keep=version.name)
 
     def _prune(self, table: str, keep: str) -> None:

@@ -172,7 +172,16 @@ def raw_landing_schema(table: ReleaseTable) -> pa.Schema:
 # browsingLevel / nsfwLevel bit flags (Civitai).
 BROWSING_LEVELS: dict[str, int] = {"PG": 1, "PG13": 2, "R": 4, "X": 8, "XXX": 16, "Blocked": 32}
 
+# A userHash: 64 lowercase hex characters (SHA-256). Anchored, for regexp_full_match and re.
 USER_HASH_PATTERN = "^[0-9a-f]{64}$"
+
+# The release's timestamp text ("createdAt", "publishedAt", ...): UTC wall time, whole seconds.
+# DuckDB's strptime uses the same codes.
+RELEASE_TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+# Civitai's site (API, downloads) and the CDN that serves its image URLs.
+CIVITAI_SITE = "https://civitai.com"
+CIVITAI_IMAGE_CDN = "https://image.civitai.com"
 
 # Every table of the warehouse that carries a user identifier, and the column that holds it.
 USER_HASH_COLUMNS: dict[str, str] = {

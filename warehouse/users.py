@@ -15,8 +15,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-USER_HASH_REGEX = "^[0-9a-f]{64}$"
-_IS_HASH = re.compile(USER_HASH_REGEX)
+from warehouse.schema import USER_HASH_PATTERN
+
+_IS_HASH = re.compile(USER_HASH_PATTERN)
 USERNAME_KEYS = ("username",)
 
 
@@ -34,7 +35,7 @@ def normalize_user_hashes(values: pa.Array, salt: str) -> tuple[pa.Array, int]:
     if not salt:
         raise ValueError("a non-empty salt is required to hash raw usernames")
     trimmed = pc.utf8_lower(pc.utf8_trim_whitespace(values))
-    is_hash = pc.match_substring_regex(trimmed, USER_HASH_REGEX)
+    is_hash = pc.match_substring_regex(trimmed, USER_HASH_PATTERN)
     is_blank = pc.equal(trimmed, "")
     raw_mask = pc.and_(pc.invert(is_hash), pc.invert(is_blank)).fill_null(False)
     n_raw = pc.sum(raw_mask).as_py() or 0

@@ -12,8 +12,8 @@ twice). Target: ≥ 95 % of R at R = 20 and R = 100, no duplicates.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
+import posixpath
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,7 +27,9 @@ from pipelines.civitai.crawler import CrawlOptions, crawl
 from pipelines.civitai.fake_server import serve_sample
 from pipelines.sample.generator import SampleSpec, generate_sample, sample_is_current
 from warehouse.civitai_release import build_release
+from warehouse.duck import quote
 from warehouse.lake import Lake
+from warehouse.schema import IMAGES, MODELS
 
 TARGET_SHARE = 0.95
 
@@ -60,22 +62,18 @@ class CrawlBenchRow:
 
 def _metadata_spec(users: int) -> SampleSpec:
     """A sample without truth or media files (only the release metadata is served)."""
-    names = {f.name for f in dataclasses.fields(SampleSpec)}
-    wanted = {"users": users, "with_truth": False, "with_media": False}
-    return SampleSpec(**{k: v for k, v in wanted.items() if k in names})
+    return SampleSpec(users=users, with_truth=False, with_media=False)
 
 
 def _duplicate_keys(folder: str) -> int:
     con = duckdb.connect()
     try:
         total = 0
-        for table, key in (
-            ("images", "imageId, modelVersionId"),
-            ("models", "modelVersionId, fileId"),
-        ):
+        for table in (IMAGES, MODELS):
+            key = ", ".join(table.key)
+            files = quote(posixpath.join(folder, table.name, "*.parquet"))
             rows = con.execute(
-                f"SELECT count(*) - count(DISTINCT ({key})) "
-                f"FROM read_parquet('{folder}/{table}/*.parquet')"
+                f"SELECT count(*) - count(DISTINCT ({key})) FROM read_parquet({files})"
             ).fetchall()
             total += int(rows[0][0])
         return total

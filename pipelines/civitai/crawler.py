@@ -54,6 +54,7 @@ from warehouse.civitai_release import (
 )
 from warehouse.files import atomic_write_bytes
 from warehouse.lake import Lake
+from warehouse.schema import RELEASE_TIMESTAMP_FORMAT
 from warehouse.users import pseudonymize_body
 
 STATE_FILE = "_state.json"
@@ -280,13 +281,13 @@ def _permanent(response: ApiResponse) -> bool:
 
 
 def _key_json(key: tuple[datetime, int] | None) -> list[Any] | None:
-    return None if key is None else [key[0].strftime(cm.TIMESTAMP_FORMAT), key[1]]
+    return None if key is None else [key[0].strftime(RELEASE_TIMESTAMP_FORMAT), key[1]]
 
 
 def _key_from_json(value: Any) -> tuple[datetime, int] | None:
     if not value:
         return None
-    return (datetime.strptime(value[0], cm.TIMESTAMP_FORMAT), int(value[1]))
+    return (datetime.strptime(value[0], RELEASE_TIMESTAMP_FORMAT), int(value[1]))
 
 
 def _plausible(key: tuple[datetime, int] | None) -> bool:

@@ -2,7 +2,7 @@
 
 ``FakeCivitai(sample_dir)`` reads the release parquet written by the sample generator
 (``<dir>/images/*.parquet``, ``<dir>/models/*.parquet``) and serves it on 127.0.0.1 through
-the Civitai API shapes (REFERENCES.md, "Civitai REST API v1"):
+the shapes of the public Civitai REST API v1:
 
 * ``GET /api/v1/models?types=LORA&limit=N&cursor=C`` (or ``page=P``, capped at page*limit ≤
   1000) — models newest-first by (latest version publishedAt, id);
@@ -59,6 +59,8 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pyarrow.parquet as pq
 
+from warehouse.schema import RELEASE_TIMESTAMP_FORMAT
+
 log = logging.getLogger(__name__)
 
 FAULT_KINDS: tuple[str, ...] = (
@@ -75,7 +77,6 @@ TRANSIENT_FAULTS: tuple[str, ...] = tuple(k for k in FAULT_KINDS if k != "duplic
 MODELS_MAX_LIMIT = 100
 IMAGES_MAX_LIMIT = 200
 PAGE_WINDOW_MAX = 1000  # page * limit beyond this: 429 "use cursors instead"
-RELEASE_TS = "%Y-%m-%d %H:%M:%S"
 LORA_TAG = re.compile(r"<lora:([^:>]+):([-+]?\d*\.?\d+)")
 IMAGE_PATH = re.compile(r"^/[^/]+/[^/]+/width=\d+/(\d+)\.jpeg$")
 HTML_PAGE = (
@@ -95,7 +96,7 @@ def _iso(text: str | None, with_z: bool) -> str | None:
     if text is None:
         return None
     try:
-        stamp = datetime.strptime(text, RELEASE_TS)
+        stamp = datetime.strptime(text, RELEASE_TIMESTAMP_FORMAT)
     except ValueError:
         return text  # not a timestamp: served verbatim, as a broken upstream would
     return stamp.strftime("%Y-%m-%dT%H:%M:%S") + (".000Z" if with_z else "")
@@ -105,7 +106,11 @@ def _epoch_s(text: str | None) -> int | None:
     if text is None:
         return None
     try:
-        return int((datetime.strptime(text, RELEASE_TS) - datetime(1970, 1, 1)).total_seconds())
+        return int(
+            (
+                datetime.strptime(text, RELEASE_TIMESTAMP_FORMAT) - datetime(1970, 1, 1)
+            ).total_seconds()
+        )
     except ValueError:
         return None
 
@@ -534,11 +539,6 @@ class FakeCivitai:
     def set_view(self, max_version_id: int | None = None, max_image_id: int | None = None) -> None:
         """Serve only versions/images with ids up to these bounds (None: everything)."""
         self.view = View(max_version_id, max_image_id)
-
-    def set_rate_limit(self, rate_limit: float | None) -> None:
-        """Change the rate limit (None: unlimited)."""
-        self.rate_limit = rate_limit
-        self.bucket = self._bucket(rate_limit)
 
     def _bucket(self, rate_limit: float | None) -> _TokenBucket | None:
         return _TokenBucket(rate_limit, max(1.0, rate_limit), self.clock) if rate_limit else None

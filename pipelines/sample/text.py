@@ -12,6 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from warehouse.schema import RELEASE_TIMESTAMP_FORMAT
+
 _HEX_LOWER = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _HEX_UPPER = np.frombuffer(b"0123456789ABCDEF", dtype=np.uint8)
 # BlurHash's base-83 alphabet.
@@ -19,7 +21,6 @@ _BASE83 = np.frombuffer(
     b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz#$%*+,-.:;=?@[]^_{|}~",
     dtype=np.uint8,
 )
-TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
 def fixed_width_strings(chars: np.ndarray) -> pa.StringArray:
@@ -158,7 +159,7 @@ def int_strings(values: np.ndarray) -> pa.Array:
 def timestamp_strings(epoch_seconds: np.ndarray) -> pa.Array:
     """Seconds since 1970-01-01 → "YYYY-MM-DD HH:MM:SS" text."""
     stamps = pa.array(np.asarray(epoch_seconds, dtype=np.int64).astype("datetime64[s]"))
-    return pc.strftime(stamps, format=TIMESTAMP_FORMAT)
+    return pc.strftime(stamps, format=RELEASE_TIMESTAMP_FORMAT)
 
 
 def join(
