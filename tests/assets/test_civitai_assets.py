@@ -10,7 +10,7 @@ import duckdb
 import pytest
 
 from pipelines.civitai.fake_server import serve_sample
-from pipelines.resources import ImageGemSettings
+from pipelines.resources import CivitaiResource, PipelineResources, WarehouseResource
 from pipelines.runner import materialize_all
 from pipelines.sample.generator import SampleSpec, generate_sample
 
@@ -18,7 +18,7 @@ TABLES = ("images", "models", "users", "loras", "image_loras", "prompts", "inter
 USERS = 60
 
 
-def tables(settings: ImageGemSettings) -> dict[str, list[tuple]]:
+def tables(settings: WarehouseResource) -> dict[str, list[tuple]]:
     con = duckdb.connect(settings.catalog_path(), read_only=True)
     out = {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in TABLES}
     con.close()
@@ -34,10 +34,10 @@ def sample(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def direct(sample, tmp_path_factory) -> dict[str, list[tuple]]:
-    settings = ImageGemSettings(
+    settings = WarehouseResource(
         home=str(tmp_path_factory.mktemp("direct")), source="release", release_path=str(sample)
     )
-    assert materialize_all(settings).success
+    assert materialize_all(PipelineResources(settings)).success
     return tables(settings)
 
 
@@ -50,13 +50,9 @@ def test_crawl_gives_the_same_clean_tables_as_the_release(sample, direct, tmp_pa
         seed=7,
         faults=("429", "503", "malformed", "html200", "html500", "reset", "duplicate"),
     ) as server:
-        settings = ImageGemSettings(
-            home=str(tmp_path / "home"),
-            source="civitai",
-            civitai_base_url=server.url,
-            civitai_rate_limit=0,
-        )
-        result = materialize_all(settings)
+        settings = WarehouseResource(home=str(tmp_path / "home"), source="civitai")
+        civitai = CivitaiResource(base_url=server.url, rate_limit=0)
+        result = materialize_all(PipelineResources(settings, civitai))
     assert result.success
     pages = result.asset_materializations_for_node("civitai_pages")
     assert pages and pages[-1].metadata["complete"].value

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import duckdb
 
-from pipelines.resources import ImageGemSettings
+from pipelines.resources import PipelineResources, WarehouseResource
 from pipelines.runner import materialize_all
 
 TABLES = ("images", "models", "users", "loras", "image_loras", "prompts", "interactions")
@@ -19,13 +19,15 @@ TABLES = ("images", "models", "users", "loras", "image_loras", "prompts", "inter
 CHILD = """
 import dagster as dg
 from pipelines.runner import materialize_all
-from pipelines.resources import ImageGemSettings
-materialize_all(ImageGemSettings(home=%r, sample_users=%d))
+from pipelines.resources import PipelineResources, WarehouseResource
+materialize_all(PipelineResources(WarehouseResource(home=%r, sample_users=%d)))
 """
 
 
 def materialize(home: Path, users: int) -> None:
-    result = materialize_all(ImageGemSettings(home=str(home), sample_users=users))
+    result = materialize_all(
+        PipelineResources(WarehouseResource(home=str(home), sample_users=users))
+    )
     assert result.success
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import s3fs
 
-from pipelines.resources import ImageGemSettings
+from pipelines.resources import PipelineResources, WarehouseResource
 from pipelines.runner import materialize_all
 from tests.factory import image_row, model_row, to_table
 from warehouse.catalog import connect_readonly
@@ -24,14 +24,14 @@ def test_materialize_with_s3_release_and_s3_lake(s3, tmp_path, monkeypatch):
         with fs.open(f"imagegem/assets-release/{name}/part-0.parquet", "wb") as f:
             pq.write_table(to_table(rows, table), f)
 
-    settings = ImageGemSettings(
+    settings = WarehouseResource(
         home="s3://imagegem/home",
         source="release",
         release_path="s3://imagegem/assets-release",
         catalog=str(tmp_path / "warehouse.duckdb"),
         s3_endpoint_url=s3["client_kwargs"]["endpoint_url"],
     )
-    result = materialize_all(settings)
+    result = materialize_all(PipelineResources(settings))
     assert result.success
     assert all(c.passed for c in result.get_asset_check_evaluations())
     assert fs.exists(f"imagegem/home/lake/images/{settings.lake().current('images').name}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pipelines.resources import ImageGemSettings
+from pipelines.resources import PipelineResources, WarehouseResource
 from pipelines.runner import materialize_all
 from tests.sample.sample_queries import connect as connect_truth
 from warehouse.sqlfiles import questions
@@ -25,8 +25,8 @@ SALT = "e2e-salt"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    settings = ImageGemSettings(home=str(home), user_salt=SALT)
-    result = materialize_all(settings)
+    settings = WarehouseResource(home=str(home), user_salt=SALT)
+    result = materialize_all(PipelineResources(settings))
     assert result.success
     failed = [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]
     assert not failed

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.cli import main
-from pipelines.resources import ImageGemSettings
+from pipelines.resources import PipelineResources, WarehouseResource
 from pipelines.runner import materialize_all
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    result = materialize_all(ImageGemSettings(home=str(home), sample_users=80))
+    result = materialize_all(PipelineResources(WarehouseResource(home=str(home), sample_users=80)))
     assert result.success
     return home
 
