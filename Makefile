@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export IMAGEGEM_HOME ?= $(CURDIR)/data
-export DAGSTER_HOME  ?= $(CURDIR)/.dagster
+# The Dagster instance is this folder: ./dagster.yaml keeps runs and logs under .dagster/.
+export DAGSTER_HOME  ?= $(CURDIR)
 
 .PHONY: demo test ui bench bench-crawl fake-civitai lint install clean
 
@@ -16,21 +17,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
-	mkdir -p $(DAGSTER_HOME)
-	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
-
-## demo: generate the embedded sample, materialize every asset, print example SQL answers
-demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+## demo: generate the sample, serve it as a local fake Civitai, run every asset, print SQL answers
+demo: $(STAMP)
 	$(BIN)/imagegem demo
 
 ## test: the whole test suite (CI runs this)
 test: $(STAMP)
 	$(BIN)/pytest -q
 
-## ui: the Dagster UI over the same data and instance
-ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster dev -w workspace.yaml
+## ui: the Dagster UI over the demo's world: same data, same instance, the fake Civitai alongside
+ui: $(STAMP)
+	$(BIN)/imagegem ui
 
 ## bench: full-scale ingest + clean + catalog (generates the full-scale sample once)
 bench: $(STAMP)
@@ -50,4 +47,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf data .dagster bench/out
+	rm -rf data .dagster bench/out logs .logs_queue .nux

@@ -95,11 +95,21 @@ def civitai_pages(
     )
 
 
+# Eager on any newly landed window. `eager()` itself waits until no dependency is missing,
+# which for a daily-partitioned parent means every window since the crawl start: it would
+# never fire once a day was skipped.
+ON_NEW_WINDOW = (
+    dg.AutomationCondition.any_deps_updated().since_last_handled()
+    & ~dg.AutomationCondition.any_deps_in_progress()
+    & ~dg.AutomationCondition.in_progress()
+).with_label("eager (any new crawl window)")
+
+
 @dg.asset(
     deps=[civitai_pages],
     group_name=GROUP,
     kinds={"parquet"},
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=ON_NEW_WINDOW,
     output_required=False,
 )
 def civitai_release(

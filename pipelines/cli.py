@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -129,10 +130,11 @@ def _instance():
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The product tour: sample → local fake Civitai → crawl, warehouse, media → SQL answers."""
+    """The product tour: sample → local fake Civitai → crawl, warehouse, media → SQL answers,
+    then a short summary per asset and where to look next."""
     import time
 
-    from pipelines.runner import format_summary, materialize_runs, stage_rows
+    from pipelines.runner import format_checks, format_summary, materialize_runs, stage_rows
 
     logging.getLogger("imagegem").setLevel(logging.INFO)
     resources = _resources()
@@ -144,20 +146,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
             run_with, _instance(), raise_on_error=False, log_level=args.log_level
         )
     seconds = time.monotonic() - started
-    warehouse = resources.warehouse
-    print(f"\n{len(results)} run(s) in {seconds:,.0f} s; per asset:\n")
+    ok = all(r.success for r in results)
+    code = cmd_tour(args) if ok else 1
+    jobs = ", ".join(sorted({r.dagster_run.job_name for r in results}))
+    print(f"\nSummary: {len(results)} run(s) of {jobs} in {seconds:,.0f} s\n")
     print(format_summary(stage_rows(results)))
-    failed = [r for r in results if not r.success]
-    if failed:
+    print("\n" + format_checks(results))
+    if not ok:
         print("\nsome steps failed: see the run in the Dagster UI (make ui)", file=sys.stderr)
-        return 1
-    code = cmd_tour(args)
     print(
         "\nWhere to look next:\n"
-        "  make ui                                   the runs, asset metadata and checks "
+        "  make ui                                 runs, logs, asset metadata and checks "
         "(http://127.0.0.1:3000)\n"
-        '  .venv/bin/imagegem sql "SELECT ..."       SQL on the warehouse (read-only)\n'
-        f"  {warehouse.catalog_path():<41} the catalog file (any DuckDB client)"
+        '  .venv/bin/imagegem sql "SELECT ..."     SQL on the warehouse, read-only\n'
+        "  .venv/bin/imagegem tour                 the example questions again\n"
+        f"  catalog: {resources.warehouse.catalog_path()}  (any DuckDB client, -readonly)"
     )
     return code
 
@@ -174,12 +177,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
             if server is not None:
                 extra = {"CIVITAI_BASE_URL": server.url, "CIVITAI_RATE_LIMIT": "0"}
                 print(f"fake Civitai serving the sample at {server.url}", flush=True)
-        command = [sys.executable, "-m", "dagster", "dev", "-w", args.workspace, *args.dagster]
+        more = args.dagster[1:] if args.dagster[:1] == ["--"] else args.dagster
+        command = [sys.executable, "-m", "dagster", "dev", "-w", args.workspace, *more]
         child = subprocess.Popen(command, env=config.environment_for(extra))
+        # A TERM to this process stops dagster dev too (Ctrl-C reaches both already).
+        previous = signal.signal(signal.SIGTERM, lambda *_: child.terminate())
         try:
             return child.wait()
-        except KeyboardInterrupt:  # Ctrl-C reaches dagster dev too; let it shut down
+        except KeyboardInterrupt:  # let dagster dev shut its services down
             return child.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_fake_civitai(args: argparse.Namespace) -> int:

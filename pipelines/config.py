@@ -46,9 +46,10 @@ DEFAULT_LOG_LEVEL = "WARNING"
 class Variable:
     """One environment variable: what it configures and its default.
 
-    ``resource``/``field`` name the resource field it binds (``None`` for the variables read
-    directly here); ``default`` is that field's default unless given; ``shown_default``
-    replaces the default's text in the docs where the value itself says little.
+    ``system`` says what it configures; ``resource``/``field`` name the resource field it
+    binds (``None`` for the variables read directly here); ``default`` is that field's default
+    (else ``literal_default``); ``shown_default`` replaces the default's text in the docs where
+    the value itself says little.
     """
 
     name: str
@@ -74,6 +75,11 @@ class Variable:
         if self.resource is None:
             return self.literal_default
         return RESOURCE_CLASSES[self.resource].model_fields[self.field].default
+
+    @property
+    def configures(self) -> str:
+        """What the variable configures, as the README shows it."""
+        return f"`{self.resource}` resource" if self.resource else self.system
 
     @property
     def default_text(self) -> str:
@@ -167,7 +173,7 @@ VARIABLES: tuple[Variable, ...] = (
     _c("CIVITAI_RATE_LIMIT", "rate_limit", "requests per second to the site (0 = unlimited)"),
     Variable(
         "IMAGEGEM_CRAWL_START",
-        "civitai",
+        "crawl partitions",
         "first daily crawl partition (YYYY-MM-DD), read when the code location loads",
         literal_default=DEFAULT_CRAWL_START,
     ),
@@ -199,21 +205,21 @@ VARIABLES: tuple[Variable, ...] = (
     # command line and local tools
     Variable(
         "IMAGEGEM_LOG_LEVEL",
-        "cli",
-        "log level of the `imagegem` command (Python logging name)",
+        "`imagegem` command",
+        "its Python log level (the demo's Dagster runs: `imagegem demo --log-level`)",
         literal_default=DEFAULT_LOG_LEVEL,
     ),
     Variable(
         "DAGSTER_HOME",
-        "cli",
-        "Dagster instance: where runs and their logs are kept (`make` sets the repo root, whose "
+        "Dagster instance",
+        "where runs and their logs are kept (`make` sets the repository root, whose "
         "`dagster.yaml` keeps them under `.dagster/`)",
         shown_default="— (the demo's runs are not kept)",
     ),
     Variable(
         "IMAGEGEM_FAKE_CIVITAI_TOKEN",
-        "cli",
-        "API key the local fake Civitai requires (`imagegem fake-civitai --token`)",
+        "local fake Civitai",
+        "API key it requires (`imagegem fake-civitai --token`)",
         shown_default="— (none required)",
         secret=True,
     ),
@@ -296,8 +302,10 @@ def environment_for(values: dict[str, str]) -> dict[str, str]:
 
 def markdown_table() -> str:
     """The README's configuration table."""
-    lines = ["| variable | meaning | default |", "|---|---|---|"]
-    lines += [f"| `{v.name}` | {v.meaning} | {v.default_text} |" for v in VARIABLES]
+    lines = ["| variable | configures | meaning | default |", "|---|---|---|---|"]
+    lines += [
+        f"| `{v.name}` | {v.configures} | {v.meaning} | {v.default_text} |" for v in VARIABLES
+    ]
     return "\n".join(lines)
 
 

@@ -179,3 +179,11 @@ def format_summary(rows: Sequence[StageRow]) -> str:
 
 
 _STAGE_ORDER = {"ingest": 0, "warehouse": 1, "media": 2}
+
+
+def format_checks(results: Sequence[dg.ExecuteInProcessResult]) -> str:
+    """One line: how many asset checks passed, and which failed."""
+    evaluations = [c for r in results for c in r.get_asset_check_evaluations()]
+    failed = [f"{c.asset_key.to_user_string()}:{c.check_name}" for c in evaluations if not c.passed]
+    line = f"asset checks: {len(evaluations) - len(failed)} passed, {len(failed)} failed"
+    return line + (f" ({', '.join(failed)})" if failed else "")
