@@ -178,7 +178,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
                 extra = {"CIVITAI_BASE_URL": server.url, "CIVITAI_RATE_LIMIT": "0"}
                 print(f"fake Civitai serving the sample at {server.url}", flush=True)
         more = args.dagster[1:] if args.dagster[:1] == ["--"] else args.dagster
-        command = [sys.executable, "-m", "dagster", "dev", "-w", args.workspace, *more]
+        # `dagster dev` suggests `dg dev`, which needs the dagster-dg-cli package: not here.
+        quiet = ["-W", "ignore:Function `dev_command` is superseded"]
+        command = [sys.executable, *quiet, "-m", "dagster", "dev", "-w", args.workspace, *more]
         child = subprocess.Popen(command, env=config.environment_for(extra))
         # A TERM to this process stops dagster dev too (Ctrl-C reaches both already).
         previous = signal.signal(signal.SIGTERM, lambda *_: child.terminate())

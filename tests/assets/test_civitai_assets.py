@@ -54,6 +54,7 @@ def test_crawl_gives_the_same_clean_tables_as_the_release(sample, direct, tmp_pa
         civitai = CivitaiResource(base_url=server.url, rate_limit=0)
         result = materialize_all(PipelineResources(settings, civitai))
     assert result.success
+    assert result.dagster_run.job_name == "imagegem_all"
     pages = result.asset_materializations_for_node("civitai_pages")
     assert pages and pages[-1].metadata["complete"].value
     if fault_rate:
