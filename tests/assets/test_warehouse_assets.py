@@ -15,6 +15,7 @@ from pipelines.jobs import CRAWL
 from pipelines.resources import PipelineResources, WarehouseResource
 from pipelines.runner import materialize_all
 from tests.factory import image_row, model_row, write_release
+from warehouse.tables import DERIVED
 
 
 def materialize(settings: WarehouseResource, instance=None) -> dg.ExecuteInProcessResult:
@@ -127,3 +128,15 @@ def test_env_bound_resources_reach_the_assets(monkeypatch, tmp_path, release):
     assert meta["dagster/row_count"].value == 31
     assert meta["quarantined"].value == 1
     assert (tmp_path / "home" / "lake" / "images" / "_CURRENT").exists()
+
+
+def test_every_asset_check_has_a_description():
+    location = build_definitions(PipelineResources())
+    specs = [s for a in [*location.assets, *location.asset_checks] for s in a.check_specs]
+    names = {(s.asset_key.to_user_string(), s.name) for s in specs}
+    assert ("images", "safety_filter_applied") in names
+    assert ("warehouse_catalog", "no_raw_usernames") in names
+    # 4 per clean table, unique_key per derived table, the quarantine's and the catalog's
+    assert len(specs) == 2 * 4 + len(DERIVED) + 2
+    undescribed = [f"{s.asset_key.to_user_string()}:{s.name}" for s in specs if not s.description]
+    assert not undescribed, undescribed
