@@ -9,7 +9,8 @@ PIP_EXTRA_INDEX := $(shell $(PYTHON) -m pip config get global.extra-index-url 2>
 UV := $(if $(PIP_EXTRA_INDEX),UV_EXTRA_INDEX_URL="$(PIP_EXTRA_INDEX)") $(BIN)/uv
 UV_FLAGS := --python $(BIN)/python --index-strategy unsafe-best-match
 export IMAGEGEM_HOME ?= $(CURDIR)/data
-export DAGSTER_HOME  ?= $(CURDIR)/.dagster
+# The Dagster instance is this folder: ./dagster.yaml keeps runs and logs under .dagster/.
+export DAGSTER_HOME  ?= $(CURDIR)
 
 .PHONY: demo test ui bench bench-crawl fake-civitai lint install lock clean
 
@@ -32,21 +33,17 @@ lock:
 		--python-platform x86_64-manylinux_2_28 --extra dev --no-header \
 		-o requirements.lock pyproject.toml
 
-$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
-	mkdir -p $(DAGSTER_HOME)
-	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
-
-## demo: generate the embedded sample, materialize every asset, print example SQL answers
-demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+## demo: generate the sample, serve it as a local fake Civitai, run every asset, print SQL answers
+demo: $(STAMP)
 	$(BIN)/imagegem demo
 
 ## test: the whole test suite (CI runs this)
 test: $(STAMP)
 	$(BIN)/pytest -q
 
-## ui: the Dagster UI over the same data and instance
-ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster dev -w workspace.yaml
+## ui: the Dagster UI over the demo's world: same data, same instance, the fake Civitai alongside
+ui: $(STAMP)
+	$(BIN)/imagegem ui
 
 ## bench: full-scale ingest + clean + catalog (generates the full-scale sample once)
 bench: $(STAMP)
@@ -66,4 +63,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf data .dagster bench/out
+	rm -rf data .dagster bench/out logs .logs_queue .nux

@@ -1,13 +1,12 @@
 """Civitai crawl: daily windows of API pages landed verbatim, then mapped to the release format."""
 
-import os
-from datetime import UTC, datetime
+from collections.abc import Iterator
 
 import dagster as dg
 
-from pipelines.civitai.client import DEFAULT_BASE_URL, CivitaiClient
 from pipelines.civitai.crawler import CrawlOptions, crawl
-from pipelines.resources import ImageGemSettings
+from pipelines.partitions import crawl_windows
+from pipelines.resources import CivitaiResource, WarehouseResource
 from warehouse.civitai_release import build_release, list_windows
 from warehouse.preview import markdown_table
 from warehouse.quarantine import quarantine_table
@@ -16,13 +15,10 @@ GROUP = "ingest"
 FULL_REFRESH_TAG = "imagegem/full_refresh"
 
 
-def crawl_start() -> str:
-    """First daily crawl window: IMAGEGEM_CRAWL_START, else today (UTC)."""
-    return os.environ.get("IMAGEGEM_CRAWL_START") or datetime.now(UTC).strftime("%Y-%m-%d")
-
-
-# end_offset=1: today's window exists, so a refresh can run for "today so far".
-crawl_windows = dg.DailyPartitionsDefinition(start_date=crawl_start(), end_offset=1, timezone="UTC")
+def crawl_configured(warehouse: WarehouseResource, civitai: CivitaiResource) -> bool:
+    """The crawl has a site: a configured Civitai base URL (real or the local fake), or the
+    civitai source itself (then civitai.com)."""
+    return warehouse.source == "civitai" or bool(civitai.base_url)
 
 
 @dg.asset(
@@ -32,34 +28,32 @@ crawl_windows = dg.DailyPartitionsDefinition(start_date=crawl_start(), end_offse
     pool="civitai",
 )
 def civitai_pages(
-    context: dg.AssetExecutionContext, imagegem: ImageGemSettings
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource, civitai: CivitaiResource
 ) -> dg.MaterializeResult:
     """Civitai API v1 pages of one daily window, landed verbatim (gzip JSON lines) before any
     parsing: LoRA models newest first, each version's images, and model versions that images
     reference. The crawl stops at the previous windows' watermark unless the run is tagged
-    `imagegem/full_refresh=true` (the weekly schedule), which re-reads everything to refresh
-    reaction counts. Cursor checkpoints move only after a page is durably landed, so a killed
-    run resumes without losing or duplicating a page. Idempotent per window.
+    `imagegem/full_refresh=true` — the Sunday run of the daily schedule `civitai_daily_refresh`
+    — which re-reads everything to refresh reaction counts. Cursor checkpoints move only after
+    a page is durably landed, so a killed run resumes without losing or duplicating a page.
+    Idempotent per window. Without a Civitai site (`CIVITAI_BASE_URL` unset and a source other
+    than `civitai`) the step fails with that message: there is nothing it could crawl.
     """
-    if not imagegem.crawl_enabled():
-        context.log.info(
-            "crawl skipped: IMAGEGEM_SOURCE is not civitai and CIVITAI_BASE_URL is unset"
-        )
-        return dg.MaterializeResult(
-            metadata={"skipped": True, "reason": "no Civitai source configured"}
+    if not crawl_configured(warehouse, civitai):
+        raise dg.Failure(
+            description=(
+                "no Civitai site to crawl: CIVITAI_BASE_URL is unset and IMAGEGEM_SOURCE is "
+                f"{warehouse.source!r}. Start the UI with `make ui` (it serves the sample "
+                "through a local fake Civitai), set CIVITAI_BASE_URL, or build the warehouse "
+                "without the crawl (job `imagegem_warehouse`)."
+            )
         )
     full = context.run.tags.get(FULL_REFRESH_TAG) == "true"
-    client = CivitaiClient(
-        imagegem.civitai_base_url or DEFAULT_BASE_URL,
-        imagegem.civitai_api_token,
-        rate_limit=imagegem.civitai_rate_limit or None,
-        logger=context.log,
-    )
     report = crawl(
-        imagegem.lake(),
+        warehouse.lake(),
         context.partition_key,
-        client,
-        CrawlOptions(user_salt=imagegem.user_salt, full=full),
+        civitai.client(context.log),
+        CrawlOptions(user_salt=warehouse.user_salt, full=full),
         logger=context.log,
     )
     meta = report.as_metadata()
@@ -85,59 +79,55 @@ def civitai_pages(
     )
 
 
+# Eager on any newly landed window. `eager()` itself waits until no dependency is missing,
+# which for a daily-partitioned parent means every window since the crawl start: it would
+# never fire once a day was skipped.
+ON_NEW_WINDOW = (
+    dg.AutomationCondition.any_deps_updated().since_last_handled()
+    & ~dg.AutomationCondition.any_deps_in_progress()
+    & ~dg.AutomationCondition.in_progress()
+).with_label("eager (any new crawl window)")
+
+
 @dg.asset(
     deps=[civitai_pages],
     group_name=GROUP,
     kinds={"parquet"},
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=ON_NEW_WINDOW,
+    output_required=False,
 )
 def civitai_release(
-    context: dg.AssetExecutionContext, imagegem: ImageGemSettings
-) -> dg.MaterializeResult:
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource
+) -> Iterator[dg.MaterializeResult]:
     """Every landed crawl window mapped to the ImageGem release format (images 29 columns,
     models 45 columns), one row per key — the latest snapshot by fetch time. With
     `IMAGEGEM_SOURCE=civitai` this folder is what `release_files` ingests, so the clean stage
-    applies unchanged. Pages and items that cannot be mapped go to `quarantine/civitai`."""
-    lake = imagegem.lake()
+    applies unchanged. Pages and items that cannot be mapped go to `quarantine/civitai`.
+    Before any window has landed there is nothing to build: no materialization is recorded
+    (and with `IMAGEGEM_SOURCE=civitai`, whose ingest needs it, the step fails)."""
+    lake = warehouse.lake()
     if not list_windows(lake):
-        context.log.info("no crawl window landed yet: nothing to build")
-        return dg.MaterializeResult(metadata={"windows": 0})
-    build = build_release(lake, imagegem.civitai_release_dir(), logger=context.log)
-    records = build.quarantine
+        if warehouse.source == "civitai":
+            raise dg.Failure(
+                description="IMAGEGEM_SOURCE=civitai but no crawl window has landed yet: "
+                "materialize a partition of civitai_pages first"
+            )
+        context.log.info("no crawl window landed yet: nothing to build, nothing recorded")
+        return
+    build = build_release(lake, warehouse.civitai_release_dir(), logger=context.log)
     lake.write_table("quarantine/civitai", quarantine_table(build.quarantine))
     rows = [(t, f"{n:,}", f"{build.duplicates_dropped.get(t, 0):,}") for t, n in build.rows.items()]
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata={
             "out": dg.MetadataValue.path(build.out),
             "windows": len(build.windows),
             "pages": build.pages,
             "bad_pages": build.bad_pages,
-            "quarantined": len(records),
+            "quarantined": len(build.quarantine),
             "image_rows": build.rows.get("images", 0),
             "model_rows": build.rows.get("models", 0),
             "tables": dg.MetadataValue.md(
                 markdown_table(["table", "rows", "duplicates dropped"], rows)
             ),
         }
-    )
-
-
-crawl_job = dg.define_asset_job(
-    "civitai_refresh",
-    selection=dg.AssetSelection.assets(civitai_pages),
-    description="Crawl one daily window of the Civitai API.",
-)
-
-
-@dg.schedule(job=crawl_job, cron_schedule="0 3 * * *", execution_timezone="UTC")
-def civitai_daily_refresh(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-    """Daily incremental crawl of today's window at 03:00 UTC; on Sundays a full refresh, which
-    re-reads everything so reaction counts and stats of older items are brought up to date."""
-    when = context.scheduled_execution_time.astimezone(UTC)
-    key = when.strftime("%Y-%m-%d")
-    full = when.weekday() == 6
-    return dg.RunRequest(
-        run_key=f"{key}{'-full' if full else ''}",
-        partition_key=key,
-        tags={FULL_REFRESH_TAG: "true"} if full else {},
     )

@@ -5,9 +5,8 @@ import time
 import dagster as dg
 
 from assets.civitai import civitai_release
-from pipelines.resources import ImageGemSettings
+from pipelines.resources import WarehouseResource
 from pipelines.sources import list_release
-from warehouse.duck import quote
 from warehouse.preview import markdown_table, query_markdown
 from warehouse.release import ReleaseFormatError, describe_size, discover, land_release_table
 from warehouse.schema import RELEASE_TABLES
@@ -22,7 +21,7 @@ GROUP = "ingest"
     automation_condition=dg.AutomationCondition.eager(),
 )
 def release_files(
-    context: dg.AssetExecutionContext, imagegem: ImageGemSettings
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
     """The release parquet files this run ingests.
 
@@ -33,7 +32,7 @@ def release_files(
     its footer, so a bad shard stops the run before any row is read.
     """
     try:
-        listing = list_release(imagegem, context.log)
+        listing = list_release(warehouse, context.log)
     except (ReleaseFormatError, ValueError) as exc:
         raise dg.Failure(description=str(exc)) from exc
     rows = [
@@ -69,28 +68,28 @@ def _landing_asset(table_name: str) -> dg.AssetsDefinition:
         ),
     )
     def landing(
-        context: dg.AssetExecutionContext, imagegem: ImageGemSettings
+        context: dg.AssetExecutionContext, warehouse: WarehouseResource
     ) -> dg.MaterializeResult:
-        lake = imagegem.lake()
+        lake = warehouse.lake()
         started = time.monotonic()
         try:
-            files = discover(imagegem.release_root(), table, imagegem.storage_options())
+            files = discover(warehouse.release_root(), table, warehouse.storage_options())
             report = land_release_table(
                 lake,
                 f"raw/{table_name}",
                 files,
                 table,
-                imagegem.user_salt,
-                imagegem.storage_options(),
+                warehouse.user_salt,
+                warehouse.storage_options(),
                 context.log,
             )
         except ReleaseFormatError as exc:
             raise dg.Failure(description=str(exc), metadata={"table": table_name}) from exc
         seconds = time.monotonic() - started
-        con = imagegem.duck()
+        con = warehouse.duck()
         preview = query_markdown(
             con,
-            f"SELECT * EXCLUDE (_source_file) FROM read_parquet({quote(lake.glob(f'raw/{table_name}'))})",
+            f"SELECT * EXCLUDE (_source_file) FROM {lake.scan(f'raw/{table_name}')}",
             5,
         )
         errors = [(k, f"{v:,}") for k, v in sorted(report.row_errors.items())]

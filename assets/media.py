@@ -1,10 +1,16 @@
-"""Media group: image files and LoRA weight files, content-addressed by SHA-256."""
+"""Media group: image files and LoRA weight files, content-addressed by SHA-256.
+
+Both download from the configured Civitai site; without one there is nothing to download
+and the step records no materialization (it says why in its log).
+"""
+
+from collections.abc import Iterator
 
 import dagster as dg
 import pyarrow as pa
 
 from assets.warehouse import images
-from pipelines.resources import ImageGemSettings
+from pipelines.resources import CivitaiResource, MediaResource, WarehouseResource
 from warehouse.lake import Lake
 from warehouse.media import (
     MediaStore,
@@ -62,37 +68,48 @@ def _summary(table: pa.Table, reasons: dict[str, int]) -> dict[str, dg.MetadataV
     }
 
 
-def _skip(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    context.log.info("downloads skipped: CIVITAI_BASE_URL is unset (no site to download from)")
-    return dg.MaterializeResult(metadata={"skipped": True, "reason": "CIVITAI_BASE_URL unset"})
+def _no_site(context: dg.AssetExecutionContext, civitai: CivitaiResource) -> bool:
+    """True (and says so in the log) when there is no site to download from."""
+    if civitai.base_url:
+        return False
+    context.log.warning(
+        "nothing downloaded, no materialization recorded: CIVITAI_BASE_URL is unset (no site "
+        "to download from; `make ui` and `make demo` serve the sample through a local one)"
+    )
+    return True
 
 
-@dg.asset(group_name=GROUP, deps=[images], kinds={"http", "jpeg"}, pool="downloads")
+@dg.asset(
+    group_name=GROUP, deps=[images], kinds={"http", "jpeg"}, pool="downloads", output_required=False
+)
 def image_files(
-    context: dg.AssetExecutionContext, imagegem: ImageGemSettings
-) -> dg.MaterializeResult:
+    context: dg.AssetExecutionContext,
+    warehouse: WarehouseResource,
+    civitai: CivitaiResource,
+    media: MediaResource,
+) -> Iterator[dg.MaterializeResult]:
     """Image files of the clean `images`: downloaded (whole users in userHash order, up to
     IMAGEGEM_MEDIA_MAX_IMAGES images), verified to decode, shrunk to IMAGEGEM_MEDIA_MAX_SIDE and
     stored content-addressed under `media/sha256/`. Resumable: images already stored are not
     fetched again. Failures (404, not an image, truncated, too large) are quarantined with
-    their reason in `quarantine/image_files`."""
-    if not imagegem.media_enabled():
-        return _skip(context)
-    lake, con = imagegem.lake(), imagegem.duck()
-    rows = images_to_download(con, lake.glob("images"), imagegem.media_max_images)
+    their reason in `quarantine/image_files`. Without a Civitai site nothing is recorded."""
+    if _no_site(context, civitai):
+        return
+    lake, con = warehouse.lake(), warehouse.duck()
+    rows = images_to_download(con, lake.glob("images"), media.max_images)
     report = download_images(
         rows,
         MediaStore(lake),
-        imagegem.image_url_map(),
-        concurrency=imagegem.media_concurrency,
-        max_side=imagegem.media_max_side,
+        media.image_url_map(civitai.base_url),
+        concurrency=media.concurrency,
+        max_side=media.max_side,
         log=context.log,
         existing=_existing(lake, "image_files"),
     )
     lake.write_table("image_files", report.table)
     lake.write_table("quarantine/image_files", from_image_downloads(report.quarantine))
     preview = report.table.filter(pa.compute.equal(report.table["status"], "ok")).slice(0, 5)
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata={
             **_summary(report.table, report.reasons),
             "downloaded": report.downloaded,
@@ -109,33 +126,41 @@ def image_files(
 
 
 @dg.asset(
-    group_name=GROUP, deps=[dg.AssetKey("loras")], kinds={"http", "safetensors"}, pool="downloads"
+    group_name=GROUP,
+    deps=[dg.AssetKey("loras")],
+    kinds={"http", "safetensors"},
+    pool="downloads",
+    output_required=False,
 )
 def lora_files(
-    context: dg.AssetExecutionContext, imagegem: ImageGemSettings
-) -> dg.MaterializeResult:
+    context: dg.AssetExecutionContext,
+    warehouse: WarehouseResource,
+    civitai: CivitaiResource,
+    media: MediaResource,
+) -> Iterator[dg.MaterializeResult]:
     """The primary weight file of every LoRA version, downloaded through
     `/api/download/models/{id}` (307 + Content-Disposition, file name sanitised). Only
     safetensors are accepted: PickleTensor / .ckpt / .pt files and pickle or zip content are
     refused and quarantined, never loaded. SHA-256 is verified against the API's hash, size is
-    capped, and files are stored content-addressed. The token never leaves the header."""
-    if not imagegem.media_enabled():
-        return _skip(context)
-    lake, con = imagegem.lake(), imagegem.duck()
+    capped, and files are stored content-addressed. The token never leaves the header.
+    Without a Civitai site nothing is recorded."""
+    if _no_site(context, civitai):
+        return
+    lake, con = warehouse.lake(), warehouse.duck()
     rows = loras_to_download(con, lake.glob("loras"))
     report = download_loras(
         rows,
         MediaStore(lake),
-        imagegem.civitai_base_url,
-        imagegem.civitai_api_token,
-        concurrency=max(1, imagegem.media_concurrency // 2),
-        max_bytes=imagegem.lora_max_mb * 1024 * 1024,
+        civitai.base_url,
+        civitai.api_token,
+        concurrency=max(1, media.concurrency // 2),
+        max_bytes=media.lora_max_mb * 1024 * 1024,
         log=context.log,
         existing=_existing(lake, "lora_files"),
     )
     lake.write_table("lora_files", report.table)
     lake.write_table("quarantine/lora_files", from_lora_downloads(report.quarantine))
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata={
             **_summary(report.table, report.reasons),
             "downloaded": report.downloaded,

@@ -1,83 +1,96 @@
-"""Warehouse group: clean release-shaped tables, normalised tables, quarantine, stats, catalog."""
+"""Warehouse group: clean release-shaped tables, normalised tables, quarantine, stats, catalog.
+
+The checks are the plain functions of :mod:`warehouse.checks`; here they are only wrapped in
+``AssetCheckResult``s.
+"""
 
 import dagster as dg
 import duckdb
-import pyarrow.parquet as pq
 
 from assets.ingest import raw_images, raw_models
-from pipelines.resources import ImageGemSettings
+from pipelines.resources import WarehouseResource
+from warehouse import checks
 from warehouse.catalog import build_catalog, connect_readonly
-from warehouse.clean import (
-    CleanSpec,
-    StepReport,
-    clean_release_table,
-    images_spec,
-    models_spec,
-    reconcile,
-)
-from warehouse.duck import quote
-from warehouse.lake import Lake
+from warehouse.clean import CleanSpec, clean_release_table, images_spec, models_spec
 from warehouse.preview import bar_chart_markdown, markdown_table, query_markdown
 from warehouse.quarantine import union_sql
-from warehouse.schema import IMAGES, MODELS, USER_HASH_COLUMNS, USER_HASH_PATTERN, ReleaseTable
+from warehouse.schema import IMAGES, MODELS, ReleaseTable
 from warehouse.sqlfiles import questions
 from warehouse.stats import compute_table1
-from warehouse.tables import DERIVED, build_derived, duplicate_keys
+from warehouse.tables import DERIVED, build_derived
 
 GROUP = "warehouse"
 
 
-def _read(lake: Lake, table: str) -> str:
-    return f"read_parquet({quote(lake.glob(table))})"
+def _md_list(items: list[str]) -> dg.MetadataValue:
+    return dg.MetadataValue.md("\n".join(f"- {m}" for m in items) or "none")
 
 
-def _schema_check(lake: Lake, spec_table: ReleaseTable, name: str) -> dg.AssetCheckResult:
-    version = lake.require(name)
-    with lake.fs.open(version.part(0), "rb") as f:
-        found = pq.read_schema(f)
-    expected = spec_table.clean_schema()
-    mismatches = [
-        f"{e.name}: expected {e.type}, found {found.field(e.name).type if e.name in found.names else 'missing'}"
-        for e in expected
-        if e.name not in found.names or not found.field(e.name).type.equals(e.type)
-    ]
+def _schema_result(result: checks.SchemaCheck) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         check_name="schema",
-        passed=not mismatches and found.names == expected.names,
+        passed=result.passed,
         metadata={
-            "columns": len(found.names),
-            "expected_columns": len(expected.names),
-            "mismatches": dg.MetadataValue.md("\n".join(f"- {m}" for m in mismatches) or "none"),
+            "columns": result.columns,
+            "expected_columns": result.expected_columns,
+            "mismatches": _md_list(result.mismatches),
         },
     )
 
 
-def _reconciliation_check(
-    con, lake: Lake, spec: CleanSpec, report: StepReport
-) -> dg.AssetCheckResult:
-    rows_in, rows_out, quarantined = reconcile(con, lake, spec)
+def _reconciliation_result(result: checks.ReconciliationCheck) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         check_name="reconciliation",
-        passed=rows_in == rows_out + quarantined + report.duplicates and report.reconciles,
+        passed=result.passed,
         metadata={
-            "rows_in": rows_in,
-            "rows_out": rows_out,
-            "quarantined": quarantined,
-            "exact_duplicates_dropped": report.duplicates,
+            "rows_in": result.rows_in,
+            "rows_out": result.rows_out,
+            "quarantined": result.quarantined,
+            "exact_duplicates_dropped": result.exact_duplicates_dropped,
         },
     )
 
 
-def _unique_key_check(con, lake: Lake, name: str, key: tuple[str, ...]) -> dg.AssetCheckResult:
-    dupes = duplicate_keys(con, lake, name, key)
+def _unique_key_result(result: checks.UniqueKeyCheck) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         check_name="unique_key",
-        passed=dupes == 0,
-        metadata={"key": ", ".join(key), "duplicated_keys": dupes},
+        passed=result.passed,
+        metadata={"key": ", ".join(result.key), "duplicated_keys": result.duplicated_keys},
     )
 
 
+def _safety_result(result: checks.SafetyCheck) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name="safety_filter_applied",
+        passed=result.passed,
+        metadata={
+            "kept_rows_breaking_a_rule": dg.MetadataValue.json(result.violations),
+            "max_toxicity_kept": result.max_toxicity_kept,
+            "toxicity_threshold": result.toxicity_threshold,
+            "scorer": result.scorer,
+        },
+    )
+
+
+CHECK_DESCRIPTIONS = {
+    "schema": "The written Parquet has the release columns, in order, with the clean types.",
+    "reconciliation": (
+        "Every raw row ended in one place: rows in = rows out + quarantined + exact "
+        "duplicates dropped, counted from the written files."
+    ),
+    "unique_key": "No key value occurs twice in the written table.",
+    "safety_filter_applied": (
+        "No kept row breaks the clean stage's safety rules (browsing level / blocked nsfw "
+        "bit, evaluated again on the written table) and no kept text scored above the "
+        "toxicity threshold."
+    ),
+    "every_row_has_a_reason": "Every quarantined row has a reason, a source and a key.",
+}
 CLEAN_CHECKS = ("schema", "reconciliation", "unique_key", "safety_filter_applied")
+
+
+def _check_specs(asset: str, names: tuple[str, ...]) -> list[dg.AssetCheckSpec]:
+    return [dg.AssetCheckSpec(n, asset=asset, description=CHECK_DESCRIPTIONS[n]) for n in names]
 
 
 def _clean_asset(table: ReleaseTable, raw: dg.AssetsDefinition, spec_for) -> dg.AssetsDefinition:
@@ -87,7 +100,7 @@ def _clean_asset(table: ReleaseTable, raw: dg.AssetsDefinition, spec_for) -> dg.
         deps=[raw],
         kinds={"duckdb", "parquet"},
         automation_condition=dg.AutomationCondition.eager(),
-        check_specs=[dg.AssetCheckSpec(c, asset=table.name) for c in CLEAN_CHECKS],
+        check_specs=_check_specs(table.name, CLEAN_CHECKS),
         description=(
             f"The clean ImageGem `{table.name}` table (release shape, {len(table.columns)} "
             f"columns, key {', '.join(table.key)}): typed, users hashed, exact duplicates "
@@ -95,18 +108,17 @@ def _clean_asset(table: ReleaseTable, raw: dg.AssetsDefinition, spec_for) -> dg.
         ),
     )
     def clean(
-        context: dg.AssetExecutionContext, imagegem: ImageGemSettings
+        context: dg.AssetExecutionContext, warehouse: WarehouseResource
     ) -> dg.MaterializeResult:
-        lake, cfg = imagegem.lake(), imagegem.clean_config()
+        lake, cfg = warehouse.lake(), warehouse.clean_config()
         spec: CleanSpec = spec_for(cfg)
-        con = imagegem.duck()
-        report = clean_release_table(con, lake, spec, cfg, imagegem.scorer(), context.log)
-        safety = _safety_check(con, lake, table, cfg, report)
-        checks = [
-            _schema_check(lake, table, table.name),
-            _reconciliation_check(con, lake, spec, report),
-            _unique_key_check(con, lake, table.name, table.key),
-            safety,
+        con = warehouse.duck()
+        report = clean_release_table(con, lake, spec, cfg, warehouse.scorer(), context.log)
+        results = [
+            _schema_result(checks.schema_check(lake, table)),
+            _reconciliation_result(checks.reconciliation_check(con, lake, spec, report)),
+            _unique_key_result(checks.unique_key_check(con, lake, table.name, table.key)),
+            _safety_result(checks.safety_check(con, lake, spec, cfg, report)),
         ]
         reasons = sorted(report.reasons.items(), key=lambda kv: -kv[1])
         return dg.MaterializeResult(
@@ -122,44 +134,14 @@ def _clean_asset(table: ReleaseTable, raw: dg.AssetsDefinition, spec_for) -> dg.
                     else "none"
                 ),
                 "preview": dg.MetadataValue.md(
-                    query_markdown(con, f"SELECT * FROM {_read(lake, table.name)}", 5)
+                    query_markdown(con, f"SELECT * FROM {lake.scan(table.name)}", 5)
                 ),
                 "version": report.version,
             },
-            check_results=checks,
+            check_results=results,
         )
 
     return clean
-
-
-def _safety_check(
-    con, lake: Lake, table: ReleaseTable, cfg, report: StepReport
-) -> dg.AssetCheckResult:
-    src = _read(lake, table.name)
-    if table is IMAGES:
-        level = con.execute(f"SELECT coalesce(max(browsingLevel), 0) FROM {src}").fetchone()[0]
-        passed = (
-            level <= cfg.max_browsing_level and report.max_kept_toxicity <= cfg.toxicity_threshold
-        )
-        details = {"max_browsingLevel_kept": level, "max_allowed": cfg.max_browsing_level}
-    else:
-        mask = cfg.blocked_level_mask
-        blocked = con.execute(
-            f"SELECT count(*) FROM {src} WHERE (coalesce(modelNsfwLevel,0) & {mask}) <> 0 "
-            f"OR (coalesce(modelVersionNsfwLevel,0) & {mask}) <> 0"
-        ).fetchone()[0]
-        passed = blocked == 0 and report.max_kept_toxicity <= cfg.toxicity_threshold
-        details = {"blocked_rows_kept": blocked}
-    return dg.AssetCheckResult(
-        check_name="safety_filter_applied",
-        passed=passed,
-        metadata={
-            **details,
-            "max_toxicity_kept": float(report.max_kept_toxicity),
-            "toxicity_threshold": cfg.toxicity_threshold,
-            "scorer": report.scorer,
-        },
-    )
 
 
 models = _clean_asset(MODELS, raw_models, models_spec)
@@ -177,13 +159,13 @@ def _derived_asset(name: str) -> dg.AssetsDefinition:
         deps=upstream,
         kinds={"duckdb", "parquet"},
         automation_condition=dg.AutomationCondition.eager(),
-        check_specs=[dg.AssetCheckSpec("unique_key", asset=name)],
+        check_specs=_check_specs(name, ("unique_key",)),
         description=table.description,
     )
     def derived(
-        context: dg.AssetExecutionContext, imagegem: ImageGemSettings
+        context: dg.AssetExecutionContext, warehouse: WarehouseResource
     ) -> dg.MaterializeResult:
-        lake, con = imagegem.lake(), imagegem.duck()
+        lake, con = warehouse.lake(), warehouse.duck()
         rows = build_derived(con, lake, name)
         context.log.info(f"{name}: {rows:,} rows")
         return dg.MaterializeResult(
@@ -191,10 +173,10 @@ def _derived_asset(name: str) -> dg.AssetsDefinition:
                 "dagster/row_count": rows,
                 "key": ", ".join(table.key),
                 "preview": dg.MetadataValue.md(
-                    query_markdown(con, f"SELECT * FROM {_read(lake, name)}", 5)
+                    query_markdown(con, f"SELECT * FROM {lake.scan(name)}", 5)
                 ),
             },
-            check_results=[_unique_key_check(con, lake, name, table.key)],
+            check_results=[_unique_key_result(checks.unique_key_check(con, lake, name, table.key))],
         )
 
     return derived
@@ -208,42 +190,41 @@ derived_assets = [_derived_asset(n) for n in DERIVED]
     deps=[images, models],
     kinds={"duckdb"},
     automation_condition=dg.AutomationCondition.eager(),
-    check_specs=[dg.AssetCheckSpec("every_row_has_a_reason", asset="quarantine")],
+    check_specs=_check_specs("quarantine", ("every_row_has_a_reason",)),
 )
 def quarantine(
-    context: dg.AssetExecutionContext, imagegem: ImageGemSettings
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
-    """Every rejected input row of the clean steps: source, step, key, reason, detail, payload.
+    """Every rejected input row, of every step: source, step, key, reason, detail, payload.
 
-    The data is written by each clean step (``quarantine/images``, ``quarantine/models``);
-    the catalog's ``quarantine`` view unions them. This asset summarises and checks them.
+    Each step writes its own part (``quarantine/images``, ``quarantine/models``, the crawl's
+    and the downloads'); the catalog's ``quarantine`` view unions them. This asset summarises
+    and checks the union.
     """
-    lake, con = imagegem.lake(), imagegem.duck()
+    lake, con = warehouse.lake(), warehouse.duck()
+    summary = checks.quarantine_summary(con, lake)
     union = union_sql(lake)
-    by_reason = con.execute(
-        f"SELECT step, reason, count(*) AS n FROM ({union}) GROUP BY ALL ORDER BY n DESC"
-    ).fetchall()
-    missing = con.execute(
-        f"SELECT count(*) FROM ({union}) WHERE reason IS NULL OR source IS NULL OR record_key IS NULL"
-    ).fetchone()[0]
-    total = sum(n for _, _, n in by_reason)
+    preview = (
+        query_markdown(con, f"SELECT step, record_key, reason, detail FROM ({union})", 10)
+        if union
+        else "none"
+    )
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": total,
+            "dagster/row_count": summary.total,
             "by_reason": dg.MetadataValue.md(
                 markdown_table(
-                    ["step", "reason", "rows"], [(s, r, f"{n:,}") for s, r, n in by_reason]
+                    ["step", "reason", "rows"],
+                    [(s, r, f"{n:,}") for s, r, n in summary.by_reason],
                 )
             ),
-            "preview": dg.MetadataValue.md(
-                query_markdown(con, f"SELECT step, record_key, reason, detail FROM ({union})", 10)
-            ),
+            "preview": dg.MetadataValue.md(preview),
         },
         check_results=[
             dg.AssetCheckResult(
                 check_name="every_row_has_a_reason",
-                passed=missing == 0,
-                metadata={"rows_without": missing},
+                passed=summary.passed,
+                metadata={"rows_without": summary.rows_without_reason},
             )
         ],
     )
@@ -256,12 +237,12 @@ def quarantine(
     automation_condition=dg.AutomationCondition.eager(),
 )
 def table1_stats(
-    context: dg.AssetExecutionContext, imagegem: ImageGemSettings
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
     """The paper's Table 1 — raw vs safety-filtered images, unique prompts, LoRAs, unique tags,
     users, uploaders and averages — on this data, beside the published figures, plus the
     shape ratios of the ImageGem schema doc."""
-    lake, con = imagegem.lake(), imagegem.duck()
+    lake, con = warehouse.lake(), warehouse.duck()
     stats = compute_table1(con, lake)
     lake.write_table("table1_stats", stats.to_arrow())
     return dg.MaterializeResult(
@@ -281,13 +262,13 @@ def table1_stats(
     automation_condition=dg.AutomationCondition.eager(),
 )
 def warehouse_catalog(
-    context: dg.AssetExecutionContext, imagegem: ImageGemSettings
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
     """The DuckDB catalog file ``$IMAGEGEM_HOME/warehouse.duckdb``: one view per lake table
     plus the prompt macros, rebuilt atomically by one writer (pool ``warehouse``). Open it
     with any DuckDB client, from any directory: ``duckdb -readonly data/warehouse.duckdb``."""
-    lake = imagegem.lake()
-    report = build_catalog(lake, imagegem.catalog_path())
+    lake = warehouse.lake()
+    report = build_catalog(lake, warehouse.catalog_path())
     con = connect_readonly(report.path, lake)
     answers = []
     for name, sql in questions().items():
@@ -313,36 +294,20 @@ def warehouse_catalog(
 
 @dg.asset_check(
     asset=warehouse_catalog,
-    description="No raw username in any table: every userHash is 64 lowercase hex.",
+    description=(
+        "No raw username anywhere: every userHash of the warehouse tables, and every "
+        "userHash/username value inside a quarantine payload, is a 64-hex salted hash."
+    ),
 )
-def no_raw_usernames(imagegem: ImageGemSettings) -> dg.AssetCheckResult:
-    con = connect_readonly(imagegem.catalog_path(), imagegem.lake())
-    offenders: dict[str, int] = {}
-    pattern = USER_HASH_PATTERN[1:-1]
-    # Distinct values first (tens of thousands of users, millions of rows), then the regex.
-    present = {
-        r[0]
-        for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
-    }
-    for table, column in USER_HASH_COLUMNS.items():
-        if table not in present:
-            continue
-        offenders[table] = con.execute(
-            f'SELECT count(*) FROM (SELECT DISTINCT "{column}" AS u FROM {table}) '
-            f"WHERE NOT regexp_full_match(u, '{pattern}')"
-        ).fetchone()[0]
-    # Quarantine payloads (JSON text, or whatever body a bad page had): every userHash or
-    # username value in them, at any depth, must be a hash. A regex reads non-JSON bodies too.
-    offenders["quarantine.payload"] = con.execute(
-        "SELECT count(*) FROM (SELECT DISTINCT unnest(regexp_extract_all(payload, "
-        '\'"(?:userHash|username)"\\s*:\\s*"([^"]*)"\', 1)) AS u FROM quarantine) '
-        f"WHERE NOT regexp_full_match(u, '{pattern}')"
-    ).fetchone()[0]
-    con.close()
-    bad = {t: n for t, n in offenders.items() if n}
+def no_raw_usernames(warehouse: WarehouseResource) -> dg.AssetCheckResult:
+    lake, con = warehouse.lake(), warehouse.duck()
+    result = checks.raw_usernames_check(con, lake)
     return dg.AssetCheckResult(
-        passed=not bad,
-        metadata={"tables_checked": len(offenders), "offending_values": dg.MetadataValue.json(bad)},
+        passed=result.passed,
+        metadata={
+            "tables_checked": result.tables_checked,
+            "offending_values": dg.MetadataValue.json(result.offending_values),
+        },
     )
 
 

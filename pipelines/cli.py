@@ -1,18 +1,25 @@
-"""The ``imagegem`` command line: sample generation, SQL on the catalog, the tour, the benchmark."""
+"""The ``imagegem`` command line: sample, demo, UI, SQL on the catalog, the tour, benchmarks."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
-import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
-from pipelines.resources import ImageGemSettings
+from pipelines import config
+from pipelines.resources import PipelineResources, WarehouseResource
 
 
-def _settings() -> ImageGemSettings:
-    return ImageGemSettings.from_env(bind_env_vars=False)
+def _resources() -> PipelineResources:
+    return config.resources_from_env(bind_env_vars=False)
+
+
+def _settings() -> WarehouseResource:
+    return _resources().warehouse
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -86,31 +93,103 @@ def cmd_tour(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """The product tour: sample → local fake Civitai → crawl, warehouse, media → SQL answers."""
-    import dagster as dg
-
-    from pipelines.civitai.fake_server import serve_sample
-    from pipelines.runner import materialize_all
+def _ensure_sample(warehouse: WarehouseResource) -> str:
     from pipelines.sample.generator import SampleSpec
     from pipelines.sources import ensure_sample
 
-    log = logging.getLogger("imagegem.demo")
+    sample = warehouse.sample_dir()
+    spec = SampleSpec(users=warehouse.sample_users, seed=warehouse.sample_seed)
+    ensure_sample(sample, spec, logging.getLogger("imagegem.demo"))
+    return sample
+
+
+@contextlib.contextmanager
+def _local_civitai(resources: PipelineResources):
+    """The demo's world: with the sample source, the sample served by a local fake Civitai
+    (crawl and downloads use it); yields the resources to run with and the server (or None)."""
+    from pipelines.civitai.fake_server import serve_sample
+    from pipelines.resources import CivitaiResource
+
+    if resources.warehouse.source != "sample":
+        yield resources, None
+        return
+    with serve_sample(_ensure_sample(resources.warehouse)) as server:
+        civitai = CivitaiResource(
+            base_url=server.url, api_token=resources.civitai.api_token, rate_limit=0
+        )
+        yield resources.replace(civitai=civitai), server
+
+
+def _instance():
+    import dagster as dg
+
+    if config.dagster_home():
+        return dg.DagsterInstance.get()
+    print("DAGSTER_HOME is unset: runs are not kept (make demo sets it)", file=sys.stderr)
+    return dg.DagsterInstance.ephemeral()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The product tour: sample → local fake Civitai → crawl, warehouse, media → SQL answers,
+    then a short summary per asset and where to look next."""
+    import time
+
+    from pipelines.runner import format_checks, format_summary, materialize_runs, stage_rows
+
     logging.getLogger("imagegem").setLevel(logging.INFO)
-    settings = _settings()
-    if settings.source != "sample":
-        result = materialize_all(settings, dg.DagsterInstance.get())
-        return cmd_tour(args) if result.success else 1
-    sample = settings.sample_dir()
-    ensure_sample(sample, SampleSpec(users=settings.sample_users, seed=settings.sample_seed), log)
-    with serve_sample(sample) as server:
-        print(f"fake Civitai serving the sample at {server.url} (crawl and downloads use it)")
-        demo = settings.with_overrides(civitai_base_url=server.url, civitai_rate_limit=0)
-        result = materialize_all(demo, dg.DagsterInstance.get(), raise_on_error=False)
-    if not result.success:
-        print("some steps failed: see the run in the Dagster UI (make ui)", file=sys.stderr)
-        return 1
-    return cmd_tour(args)
+    resources = _resources()
+    started = time.monotonic()
+    with _local_civitai(resources) as (run_with, server):
+        if server is not None:
+            print(f"fake Civitai serving the sample at {server.url} (crawl and downloads use it)")
+        results = materialize_runs(
+            run_with, _instance(), raise_on_error=False, log_level=args.log_level
+        )
+    seconds = time.monotonic() - started
+    ok = all(r.success for r in results)
+    code = cmd_tour(args) if ok else 1
+    jobs = ", ".join(sorted({r.dagster_run.job_name for r in results}))
+    print(f"\nSummary: {len(results)} run(s) of {jobs} in {seconds:,.0f} s\n")
+    print(format_summary(stage_rows(results)))
+    print("\n" + format_checks(results))
+    if not ok:
+        print("\nsome steps failed: see the run in the Dagster UI (make ui)", file=sys.stderr)
+    print(
+        "\nWhere to look next:\n"
+        "  make ui                                 runs, logs, asset metadata and checks "
+        "(http://127.0.0.1:3000)\n"
+        '  .venv/bin/imagegem sql "SELECT ..."     SQL on the warehouse, read-only\n'
+        "  .venv/bin/imagegem tour                 the example questions again\n"
+        f"  catalog: {resources.warehouse.catalog_path()}  (any DuckDB client, -readonly)"
+    )
+    return code
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """``dagster dev`` over the demo's world: the fake Civitai alongside, so the UI can re-run
+    every asset (crawl and downloads included) on the same data and instance."""
+    resources = _resources()
+    local = resources.civitai.base_url is None
+    with contextlib.ExitStack() as stack:
+        extra: dict[str, str] = {}
+        if local:
+            _, server = stack.enter_context(_local_civitai(resources))
+            if server is not None:
+                extra = {"CIVITAI_BASE_URL": server.url, "CIVITAI_RATE_LIMIT": "0"}
+                print(f"fake Civitai serving the sample at {server.url}", flush=True)
+        more = args.dagster[1:] if args.dagster[:1] == ["--"] else args.dagster
+        # `dagster dev` suggests `dg dev`, which needs the dagster-dg-cli package: not here.
+        quiet = ["-W", "ignore:Function `dev_command` is superseded"]
+        command = [sys.executable, *quiet, "-m", "dagster", "dev", "-w", args.workspace, *more]
+        child = subprocess.Popen(command, env=config.environment_for(extra))
+        # A TERM to this process stops dagster dev too (Ctrl-C reaches both already).
+        previous = signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+        try:
+            return child.wait()
+        except KeyboardInterrupt:  # let dagster dev shut its services down
+            return child.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_fake_civitai(args: argparse.Namespace) -> int:
@@ -126,7 +205,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("IMAGEGEM_LOG_LEVEL", "WARNING"))
+    logging.basicConfig(level=config.log_level())
     parser = argparse.ArgumentParser(prog="imagegem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -167,7 +246,20 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser(
         "demo", help="the whole pipeline on the sample, served by a local fake Civitai"
     )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        help="Dagster console log level of the runs (DEBUG shows every event; the instance "
+        "keeps them all anyway)",
+    )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "ui", help="the Dagster UI (dagster dev) with the demo's local fake Civitai alongside"
+    )
+    p.add_argument("--workspace", default="workspace.yaml")
+    p.add_argument("dagster", nargs=argparse.REMAINDER, help="more `dagster dev` options")
+    p.set_defaults(func=cmd_ui)
 
     from pipelines.civitai.fake_server import add_arguments as fake_civitai_arguments
 

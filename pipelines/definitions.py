@@ -1,38 +1,36 @@
-"""The Dagster code location: assets, checks, jobs, schedules, sensors and the resource."""
+"""The Dagster code location: assets and checks, jobs, schedules, sensors, resources."""
 
 import dagster as dg
 
 from assets import civitai, ingest, media, warehouse
-from pipelines.resources import ImageGemSettings
+from pipelines.config import resources_from_env
+from pipelines.jobs import JOBS
+from pipelines.resources import PipelineResources
+from pipelines.schedules import SCHEDULES
+from pipelines.sensors import SENSORS
 
-all_assets_job = dg.define_asset_job(
-    "imagegem_all",
-    selection=dg.AssetSelection.all(),
-    description="Materialize every asset (and run every check) on the configured source.",
-)
+ASSETS = [
+    civitai.civitai_pages,
+    civitai.civitai_release,
+    ingest.release_files,
+    ingest.raw_images,
+    ingest.raw_models,
+    *warehouse.ALL_ASSETS,
+    media.image_files,
+    media.lora_files,
+]
 
-# Brings every downstream table up to date when new raw data lands (eager conditions).
-warehouse_automation = dg.AutomationConditionSensorDefinition(
-    "warehouse_automation",
-    target=dg.AssetSelection.all(),
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Materializes assets whose eager automation condition fires (new crawl pages → clean tables → catalog).",
-)
 
-defs = dg.Definitions(
-    assets=[
-        civitai.civitai_pages,
-        civitai.civitai_release,
-        ingest.release_files,
-        ingest.raw_images,
-        ingest.raw_models,
-        *warehouse.ALL_ASSETS,
-        media.image_files,
-        media.lora_files,
-    ],
-    asset_checks=warehouse.ALL_CHECKS,
-    jobs=[all_assets_job, civitai.crawl_job],
-    schedules=[civitai.civitai_daily_refresh],
-    sensors=[warehouse_automation],
-    resources={"imagegem": ImageGemSettings.from_env()},
-)
+def build_definitions(resources: PipelineResources) -> dg.Definitions:
+    """The code location with ``resources`` bound (the runner binds plain values)."""
+    return dg.Definitions(
+        assets=ASSETS,
+        asset_checks=warehouse.ALL_CHECKS,
+        jobs=JOBS,
+        schedules=SCHEDULES,
+        sensors=SENSORS,
+        resources=resources.as_dict(),
+    )
+
+
+defs = build_definitions(resources_from_env())

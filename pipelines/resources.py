@@ -1,68 +1,40 @@
-"""The pipeline's one configuration resource, read from environment variables.
+"""The pipeline's resources, one per external system.
 
-| variable | meaning | default |
-|---|---|---|
-| ``IMAGEGEM_HOME`` | root of lake, catalog and media; may be ``s3://bucket/prefix`` | ``./data`` |
-| ``IMAGEGEM_SOURCE`` | ``sample`` (embedded generator) or ``release`` | ``sample`` |
-| ``IMAGEGEM_RELEASE_PATH`` | folder or ``s3://`` prefix holding the release parquet | — |
-| ``IMAGEGEM_USER_SALT`` | salt for hashing raw usernames (keep it secret) | a dev salt |
-| ``IMAGEGEM_CATALOG`` | path of the DuckDB catalog file | ``$IMAGEGEM_HOME/warehouse.duckdb`` |
-| ``IMAGEGEM_MAX_BROWSING_LEVEL`` | safety filter: highest browsingLevel kept | ``1`` |
-| ``IMAGEGEM_DETOXIFY_CHECKPOINT`` | local Detoxify checkpoint; unset → bundled lexicon | — |
-| ``IMAGEGEM_DUCKDB_MEMORY`` | DuckDB memory limit for pipeline writers | ``2GB`` |
-| ``IMAGEGEM_SAMPLE_USERS`` / ``IMAGEGEM_SAMPLE_SEED`` | size and seed of the sample | ``500`` / ``0`` |
-| ``IMAGEGEM_S3_ENDPOINT_URL`` | S3 endpoint (MinIO, moto); credentials from the AWS vars | — |
-| ``CIVITAI_BASE_URL`` | Civitai site (or the local fake server) for crawl and downloads | — (crawl off) |
-| ``CIVITAI_API_TOKEN`` | API token, sent as ``Authorization: Bearer`` (secret) | — |
-| ``CIVITAI_RATE_LIMIT`` | requests per second to the API | ``5`` |
-| ``IMAGEGEM_CRAWL_START`` | first daily crawl partition (YYYY-MM-DD) | today |
-| ``IMAGEGEM_IMAGE_BASE_URL`` | where image URLs are fetched (replaces https://image.civitai.com) | ``CIVITAI_BASE_URL`` |
-| ``IMAGEGEM_MEDIA_MAX_IMAGES`` | images downloaded: whole users in userHash order up to this many | ``2000`` |
-| ``IMAGEGEM_MEDIA_MAX_SIDE`` | stored images are shrunk to this longest side | ``512`` |
+* :class:`WarehouseResource` (``warehouse``) — where the data lives (lake, catalog, S3), how
+  DuckDB is bounded, which source is ingested and how rows are cleaned;
+* :class:`CivitaiResource` (``civitai``) — the Civitai site the crawl and downloads talk to;
+* :class:`MediaResource` (``media``) — what the image and LoRA downloads fetch and keep;
+* :class:`EncoderResource` (``encoder``) — the encoder, checkpoint and device of the ML stages
+  (declared for the embeddings stage; no asset uses it yet).
 
-In Dagster the values that come from the environment are bound as ``dg.EnvVar`` so the UI
-shows their source and never their value; the CLI builds the same class with plain values.
+Each is built with plain values (CLI, tests) or, in the code location, bound to environment
+variables as ``dg.EnvVar`` so the UI shows where a value comes from and never the value. The
+variables, their defaults and the binding live in :mod:`pipelines.config`; nothing here reads
+the environment.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
+from dataclasses import dataclass, field, replace
 
 import dagster as dg
 
+from pipelines.civitai.client import DEFAULT_BASE_URL, CivitaiClient
 from warehouse.clean import CleanConfig
 from warehouse.duck import DuckSettings, connect
 from warehouse.lake import Lake, is_remote
 from warehouse.safety import ToxicityScorer, make_scorer
 
 DEV_SALT = "imagegem-dev-salt-change-me"
-
-# field name → (environment variable, is integer)
-ENV_FIELDS: dict[str, tuple[str, bool]] = {
-    "home": ("IMAGEGEM_HOME", False),
-    "source": ("IMAGEGEM_SOURCE", False),
-    "release_path": ("IMAGEGEM_RELEASE_PATH", False),
-    "user_salt": ("IMAGEGEM_USER_SALT", False),
-    "catalog": ("IMAGEGEM_CATALOG", False),
-    "max_browsing_level": ("IMAGEGEM_MAX_BROWSING_LEVEL", True),
-    "detoxify_checkpoint": ("IMAGEGEM_DETOXIFY_CHECKPOINT", False),
-    "duckdb_memory_limit": ("IMAGEGEM_DUCKDB_MEMORY", False),
-    "sample_users": ("IMAGEGEM_SAMPLE_USERS", True),
-    "sample_seed": ("IMAGEGEM_SAMPLE_SEED", True),
-    "s3_endpoint_url": ("IMAGEGEM_S3_ENDPOINT_URL", False),
-    "civitai_base_url": ("CIVITAI_BASE_URL", False),
-    "civitai_api_token": ("CIVITAI_API_TOKEN", False),
-    "civitai_rate_limit": ("CIVITAI_RATE_LIMIT", True),
-    "image_base_url": ("IMAGEGEM_IMAGE_BASE_URL", False),
-    "media_max_images": ("IMAGEGEM_MEDIA_MAX_IMAGES", True),
-    "media_max_side": ("IMAGEGEM_MEDIA_MAX_SIDE", True),
-}
 SOURCES = ("sample", "release", "civitai")
+IMAGE_CDN = "https://image.civitai.com"
 
 
-class ImageGemSettings(dg.ConfigurableResource):
-    """Where the data lives and how it is cleaned (see the module docstring for the env vars)."""
+class WarehouseResource(dg.ConfigurableResource):
+    """The lake, the catalog, DuckDB's limits, the source and the cleaning rules."""
 
     home: str = "./data"
     source: str = "sample"
@@ -78,38 +50,14 @@ class ImageGemSettings(dg.ConfigurableResource):
     sample_users: int = 500
     sample_seed: int = 0
     s3_endpoint_url: str | None = None
-    civitai_base_url: str | None = None
-    civitai_api_token: str | None = None
-    civitai_rate_limit: int = 5
-    image_base_url: str | None = None
-    media_max_images: int = 2000
-    media_max_side: int = 512
-    media_concurrency: int = 8
-    lora_max_mb: int = 512
 
-    @classmethod
-    def from_env(cls, bind_env_vars: bool = True) -> ImageGemSettings:
-        """Settings from the environment; ``bind_env_vars`` binds them as ``dg.EnvVar``."""
-        values: dict[str, object] = {}
-        for name, (var, is_int) in ENV_FIELDS.items():
-            if not os.environ.get(var):
-                continue
-            if bind_env_vars:
-                values[name] = dg.EnvVar.int(var) if is_int else dg.EnvVar(var)
-            else:
-                values[name] = int(os.environ[var]) if is_int else os.environ[var]
-        return cls(**values)
-
-    def with_overrides(self, **values: object) -> ImageGemSettings:
-        """A copy with some fields replaced (Dagster rebuilds resources from their init args,
-        so ``model_copy`` would not reach the assets)."""
-        return type(self)(**{**self.model_dump(), **values})
-
-    # -- derived locations ---------------------------------------------------------------------
+    # -- locations -----------------------------------------------------------------------------
     def home_root(self) -> str:
+        """The absolute home (a local path, or the ``s3://`` URL as given)."""
         return self.home.rstrip("/") if is_remote(self.home) else os.path.abspath(self.home)
 
     def storage_options(self) -> dict:
+        """fsspec options for the lake and the release (the S3 endpoint, when set)."""
         return (
             {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}}
             if self.s3_endpoint_url
@@ -117,9 +65,11 @@ class ImageGemSettings(dg.ConfigurableResource):
         )
 
     def lake(self) -> Lake:
+        """The versioned Parquet lake under ``$IMAGEGEM_HOME/lake``."""
         return Lake(posixpath.join(self.home_root(), "lake"), self.storage_options())
 
     def catalog_path(self) -> str:
+        """The DuckDB catalog file (always local, also when the lake is on S3)."""
         if self.catalog:
             return os.path.abspath(self.catalog)
         if is_remote(self.home):
@@ -134,19 +84,6 @@ class ImageGemSettings(dg.ConfigurableResource):
     def civitai_release_dir(self) -> str:
         """Where the crawl's pages, mapped to the release format, are written."""
         return posixpath.join(self.home_root(), "sources", "civitai")
-
-    def crawl_enabled(self) -> bool:
-        """The crawl runs for the civitai source, or wherever a Civitai base URL is set."""
-        return self.source == "civitai" or bool(self.civitai_base_url)
-
-    def media_enabled(self) -> bool:
-        """Downloads need a reachable site: a configured Civitai base URL (real or local)."""
-        return bool(self.civitai_base_url)
-
-    def image_url_map(self) -> dict[str, str]:
-        """Image CDN → the configured image host (the local fake server in the demo)."""
-        target = self.image_base_url or self.civitai_base_url
-        return {"https://image.civitai.com": target} if target else {}
 
     def release_root(self) -> str:
         """The release folder the ingest reads: the sample, the crawl's, or the configured one."""
@@ -164,6 +101,7 @@ class ImageGemSettings(dg.ConfigurableResource):
 
     # -- helpers for the warehouse layer -------------------------------------------------------
     def clean_config(self) -> CleanConfig:
+        """The clean stage's rules with this resource's thresholds."""
         return CleanConfig(
             max_browsing_level=self.max_browsing_level,
             toxicity_threshold=self.toxicity_threshold,
@@ -172,6 +110,7 @@ class ImageGemSettings(dg.ConfigurableResource):
         )
 
     def scorer(self) -> ToxicityScorer:
+        """Detoxify from the configured checkpoint, else the bundled scorer."""
         return make_scorer(self.detoxify_checkpoint)
 
     def duck(self):
@@ -179,3 +118,78 @@ class ImageGemSettings(dg.ConfigurableResource):
         temp = None if is_remote(self.home) else os.path.join(self.home_root(), "tmp", "duckdb")
         settings = DuckSettings(self.duckdb_memory_limit, self.duckdb_threads, temp)
         return connect(self.lake(), settings)
+
+
+class CivitaiResource(dg.ConfigurableResource):
+    """The Civitai site (or a local fake server) for the crawl and the downloads.
+
+    Without ``base_url`` no site is configured: the crawl runs only when the warehouse source
+    is ``civitai`` (then against civitai.com) and the downloads have nothing to fetch from.
+    """
+
+    base_url: str | None = None
+    api_token: str | None = None
+    rate_limit: int = 5
+
+    def site(self) -> str:
+        """The base URL requests go to."""
+        return self.base_url or DEFAULT_BASE_URL
+
+    def client(self, logger: logging.Logger | None = None) -> CivitaiClient:
+        """An API client for this site: the token only in the header, the rate limit applied."""
+        return CivitaiClient(
+            self.site(), self.api_token, rate_limit=self.rate_limit or None, logger=logger
+        )
+
+
+class MediaResource(dg.ConfigurableResource):
+    """What the image and LoRA downloads fetch and keep."""
+
+    image_base_url: str | None = None
+    max_images: int = 2000
+    max_side: int = 512
+    concurrency: int = 8
+    lora_max_mb: int = 512
+
+    def image_url_map(self, civitai_base_url: str | None) -> dict[str, str]:
+        """Image CDN → the configured image host (else the Civitai site, e.g. the fake one)."""
+        target = self.image_base_url or civitai_base_url
+        return {IMAGE_CDN: target} if target else {}
+
+
+class EncoderResource(dg.ConfigurableResource):
+    """The encoder of the ML stages (embeddings first): which model, from which weights, where.
+
+    Declared now so the stages share one home for these settings; no asset uses it yet.
+    ``encoder`` names a model config of the encoder registry (the tiny configs build offline);
+    ``checkpoint`` is a local weights file (safetensors preferred; unset → the config's own
+    seeded initialisation, recorded as such); ``device`` is ``auto`` (CUDA when available,
+    else CPU), ``cpu`` or ``cuda[:N]``; ``precision`` is ``fp32``, ``fp16`` or ``bf16``.
+    """
+
+    encoder: str = "tiny"
+    checkpoint: str | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 64
+
+
+RESOURCE_KEYS = ("warehouse", "civitai", "media", "encoder")
+
+
+@dataclass(frozen=True)
+class PipelineResources:
+    """One value of every resource, as the code location binds them (``as_dict``)."""
+
+    warehouse: WarehouseResource = field(default_factory=WarehouseResource)
+    civitai: CivitaiResource = field(default_factory=CivitaiResource)
+    media: MediaResource = field(default_factory=MediaResource)
+    encoder: EncoderResource = field(default_factory=EncoderResource)
+
+    def as_dict(self) -> dict[str, dg.ConfigurableResource]:
+        """Resource key → resource, for ``Definitions`` and ``execute_in_process``."""
+        return {key: getattr(self, key) for key in RESOURCE_KEYS}
+
+    def replace(self, **resources: dg.ConfigurableResource) -> PipelineResources:
+        """A copy with some resources swapped."""
+        return replace(self, **resources)

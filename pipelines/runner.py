@@ -1,47 +1,189 @@
-"""Materialize the whole graph in-process: every asset, every check and every crawl window.
+"""Materialize the whole graph in-process, through the named jobs, and summarise what ran.
 
-Used by `imagegem demo`, the benchmark and the tests. Crawl windows (daily partitions of
-`civitai_pages`) run oldest first; the last window's run also materializes every unpartitioned
-asset, so the warehouse is built once from all of them.
+Used by ``imagegem demo``, the tests and anyone scripting the pipeline. Runs go through the
+code location's jobs (``imagegem_all``, or ``imagegem_warehouse`` when there is no Civitai
+site to crawl, and ``civitai_refresh`` for extra crawl windows) with the given resources, so
+the Dagster UI lists them under those names. The crawl covers today's window unless other
+windows are given (oldest first; each but the last in its own run, the last together with
+every unpartitioned asset, so the warehouse is built once from all of them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import dagster as dg
 
-from assets.civitai import civitai_pages, crawl_windows
-from pipelines.definitions import defs
-from pipelines.resources import ImageGemSettings
+from assets.civitai import crawl_configured
+from pipelines.definitions import build_definitions, defs
+from pipelines.jobs import all_assets_job, crawl_job, warehouse_job
+from pipelines.partitions import today_window
+from pipelines.resources import PipelineResources
 
 
-def materialize_all(
-    settings: ImageGemSettings,
+def _run_config(log_level: str | None) -> dict:
+    if log_level is None:
+        return {}
+    return {"loggers": {"console": {"config": {"log_level": log_level.upper()}}}}
+
+
+def materialize_runs(
+    resources: PipelineResources,
     instance: dg.DagsterInstance | None = None,
     selection: dg.AssetSelection | None = None,
     raise_on_error: bool = True,
-) -> dg.ExecuteInJobResult:
-    """Run every asset and check (or ``selection``) with ``settings``; returns the last run."""
+    windows: Sequence[str] | None = None,
+    log_level: str | None = None,
+) -> list[dg.ExecuteInProcessResult]:
+    """Run every asset and check (or ``selection``) with ``resources`` (plain values, as
+    ``config.resources_from_env(bind_env_vars=False)`` gives); every run's result.
+
+    Without a Civitai site to crawl, the crawl assets are left out (the run goes through
+    ``imagegem_warehouse``): they could only fail. ``log_level`` sets the console logger of
+    the runs (the instance keeps every event whatever it is).
+    """
     instance = instance or dg.DagsterInstance.ephemeral()
-    every = [*defs.assets, *defs.asset_checks]
-    resources = {"imagegem": settings}
-    windows = crawl_windows.get_partition_keys()
-    selected = selection or dg.AssetSelection.all()
-    keys = {k for k in selected.resolve(defs.resolve_asset_graph())}
-    crawling = civitai_pages.key in keys
-    for window in windows[:-1] if crawling else []:
-        dg.materialize(
-            every,
-            selection=dg.AssetSelection.assets(civitai_pages),
-            partition_key=window,
-            resources=resources,
-            instance=instance,
-            raise_on_error=raise_on_error,
-        )
-    return dg.materialize(
-        every,
-        selection=selected,
-        partition_key=windows[-1] if crawling else None,
-        resources=resources,
-        instance=instance,
-        raise_on_error=raise_on_error,
+    graph = defs.resolve_asset_graph()
+    wanted = (selection or dg.AssetSelection.all()).resolve(graph)
+    crawling = crawl_configured(resources.warehouse, resources.civitai)
+    job = all_assets_job if crawling else warehouse_job
+    job_keys = (job.selection or dg.AssetSelection.all()).resolve(graph)
+    keys = sorted(wanted & job_keys)
+    pages = defs.resolve_assets_def("civitai_pages").key
+    windows = list(windows) if windows else [today_window()]
+    bound = build_definitions(resources)
+    common = dict(
+        instance=instance, raise_on_error=raise_on_error, run_config=_run_config(log_level)
     )
+    results = []
+    if pages in keys:
+        for window in windows[:-1]:
+            results.append(
+                bound.resolve_job_def(crawl_job.name).execute_in_process(
+                    partition_key=window, **common
+                )
+            )
+    results.append(
+        bound.resolve_job_def(job.name).execute_in_process(
+            asset_selection=keys,
+            partition_key=windows[-1] if pages in keys else None,
+            **common,
+        )
+    )
+    return results
+
+
+def materialize_all(
+    resources: PipelineResources,
+    instance: dg.DagsterInstance | None = None,
+    selection: dg.AssetSelection | None = None,
+    raise_on_error: bool = True,
+    windows: Sequence[str] | None = None,
+    log_level: str | None = None,
+) -> dg.ExecuteInProcessResult:
+    """:func:`materialize_runs`, returning the last run (the one that built the warehouse)."""
+    return materialize_runs(resources, instance, selection, raise_on_error, windows, log_level)[-1]
+
+
+# -- the summary a person reads after a demo -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageRow:
+    """One materialized asset: its group, row counts and step time (None: not reported)."""
+
+    group: str
+    asset: str
+    rows_in: int | None
+    rows_out: int | None
+    quarantined: int | None
+    seconds: float | None
+
+
+def _value(metadata: dict, *names: str) -> int | None:
+    found = [metadata[n].value for n in names if n in metadata]
+    numbers = [v for v in found if isinstance(v, int | float) and not isinstance(v, bool)]
+    return int(sum(numbers)) if numbers else None
+
+
+def _rows_out(metadata: dict) -> int | None:
+    if "dagster/row_count" in metadata:
+        return _value(metadata, "dagster/row_count")
+    if "items" in metadata:  # the crawl: items landed per stream
+        items = metadata["items"].value
+        return int(sum(items.values())) if isinstance(items, dict) else None
+    return _value(metadata, "image_rows", "model_rows")
+
+
+def stage_rows(results: Sequence[dg.ExecuteInProcessResult]) -> list[StageRow]:
+    """Every materialization of ``results``, in run order, as a :class:`StageRow`."""
+    graph = defs.resolve_asset_graph()
+    rows = []
+    for result in results:
+        seconds = {
+            e.step_key: e.event_specific_data.duration_ms / 1000
+            for e in result.all_events
+            if e.event_type_value == "STEP_SUCCESS"
+        }
+        for event in result.get_asset_materialization_events():
+            mat = event.event_specific_data.materialization
+            metadata = dict(mat.metadata)
+            key = mat.asset_key
+            name = key.to_user_string() + (f" [{mat.partition}]" if mat.partition else "")
+            quarantined = _value(metadata, "quarantined")
+            if quarantined is None:
+                quarantined = _value(metadata, "failed", "refused")
+            rows.append(
+                StageRow(
+                    group=graph.get(key).group_name or "default",
+                    asset=name,
+                    rows_in=_value(metadata, "rows_in"),
+                    rows_out=_rows_out(metadata),
+                    quarantined=quarantined,
+                    seconds=seconds.get(event.step_key),
+                )
+            )
+    return rows
+
+
+def format_summary(rows: Sequence[StageRow]) -> str:
+    """A plain-text table of :func:`stage_rows`, one line per asset, grouped by stage."""
+
+    def num(value: int | None) -> str:
+        return "—" if value is None else f"{value:,}"
+
+    header = ("stage", "asset", "rows in", "rows out", "quarantined", "seconds")
+    lines = [header]
+    for row in sorted(rows, key=lambda r: _STAGE_ORDER.get(r.group, 99)):
+        seconds = "—" if row.seconds is None else f"{row.seconds:.1f}"
+        lines.append(
+            (
+                row.group,
+                row.asset,
+                num(row.rows_in),
+                num(row.rows_out),
+                num(row.quarantined),
+                seconds,
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for line in lines:
+        cells = [
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        ]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)
+
+
+_STAGE_ORDER = {"ingest": 0, "warehouse": 1, "media": 2}
+
+
+def format_checks(results: Sequence[dg.ExecuteInProcessResult]) -> str:
+    """One line: how many asset checks passed, and which failed."""
+    evaluations = [c for r in results for c in r.get_asset_check_evaluations()]
+    failed = [f"{c.asset_key.to_user_string()}:{c.check_name}" for c in evaluations if not c.passed]
+    line = f"asset checks: {len(evaluations) - len(failed)} passed, {len(failed)} failed"
+    return line + (f" ({', '.join(failed)})" if failed else "")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipelines.resources import ImageGemSettings
+from pipelines.resources import WarehouseResource
 from pipelines.sample.generator import SampleSpec, generate_sample, sample_is_current
 from warehouse.release import discover, open_parquet, open_release_fs, validate_schema
 from warehouse.schema import RELEASE_TABLES
@@ -45,14 +45,14 @@ def ensure_sample(out: str, spec: SampleSpec, log: logging.Logger) -> bool:
     return True
 
 
-def list_release(settings: ImageGemSettings, log: logging.Logger) -> ReleaseListing:
+def list_release(warehouse: WarehouseResource, log: logging.Logger) -> ReleaseListing:
     """Prepare the configured source and list (and schema-check) its release files."""
-    root = settings.release_root()
-    listing = ReleaseListing(root=root, source=settings.source)
-    if settings.source == "sample":
-        spec = SampleSpec(users=settings.sample_users, seed=settings.sample_seed)
+    root = warehouse.release_root()
+    listing = ReleaseListing(root=root, source=warehouse.source)
+    if warehouse.source == "sample":
+        spec = SampleSpec(users=warehouse.sample_users, seed=warehouse.sample_seed)
         listing.generated = ensure_sample(root, spec, log)
-    options = settings.storage_options()
+    options = warehouse.storage_options()
     for name, table in RELEASE_TABLES.items():
         files = discover(root, table, options)
         fs, _ = open_release_fs(files[0], options)

@@ -922,6 +922,8 @@ def serve_sample(sample_dir: Path | str, port: int = 0, **knobs: Any) -> Iterato
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the fake server's options to ``parser``."""
+    from pipelines.config import fake_civitai_token
+
     parser.add_argument("--data", required=True, help="sample release folder to serve")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (loopback)")
     parser.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
@@ -934,7 +936,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--token",
-        default=os.environ.get("IMAGEGEM_FAKE_CIVITAI_TOKEN"),
+        default=fake_civitai_token(),
         help="require this API key (default: $IMAGEGEM_FAKE_CIVITAI_TOKEN)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of variants and faults")

@@ -14,7 +14,7 @@ import pytest
 from assets.civitai import civitai_pages
 from pipelines.civitai.crawler import window_state
 from pipelines.civitai.fake_server import serve_sample
-from pipelines.resources import ImageGemSettings
+from pipelines.resources import CivitaiResource, PipelineResources, WarehouseResource
 from pipelines.runner import materialize_all
 from pipelines.sample.generator import SampleSpec, generate_sample
 from warehouse.civitai_release import list_windows
@@ -23,7 +23,7 @@ TABLES = ("images", "models", "users", "loras", "image_loras", "prompts", "inter
 USERS = 60
 
 
-def tables(settings: ImageGemSettings) -> dict[str, list[tuple]]:
+def tables(settings: WarehouseResource) -> dict[str, list[tuple]]:
     con = duckdb.connect(settings.catalog_path(), read_only=True)
     out = {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in TABLES}
     con.close()
@@ -39,10 +39,10 @@ def sample(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def direct(sample, tmp_path_factory) -> dict[str, list[tuple]]:
-    settings = ImageGemSettings(
+    settings = WarehouseResource(
         home=str(tmp_path_factory.mktemp("direct")), source="release", release_path=str(sample)
     )
-    assert materialize_all(settings).success
+    assert materialize_all(PipelineResources(settings)).success
     return tables(settings)
 
 
@@ -55,14 +55,11 @@ def test_crawl_gives_the_same_clean_tables_as_the_release(sample, direct, tmp_pa
         seed=7,
         faults=("429", "503", "malformed", "html200", "html500", "reset", "duplicate"),
     ) as server:
-        settings = ImageGemSettings(
-            home=str(tmp_path / "home"),
-            source="civitai",
-            civitai_base_url=server.url,
-            civitai_rate_limit=0,
-        )
-        result = materialize_all(settings)
+        settings = WarehouseResource(home=str(tmp_path / "home"), source="civitai")
+        civitai = CivitaiResource(base_url=server.url, rate_limit=0)
+        result = materialize_all(PipelineResources(settings, civitai))
     assert result.success
+    assert result.dagster_run.job_name == "imagegem_all"
     pages = result.asset_materializations_for_node("civitai_pages")
     assert pages and pages[-1].metadata["complete"].value
     if fault_rate:
@@ -77,14 +74,12 @@ def test_a_403_mid_crawl_fails_the_pages_run_and_keeps_its_checkpoints(sample, t
     the window stays incomplete and the models checkpoint (done) survives for the rerun."""
     refuse_images = lambda path, query: 403 if path == "/api/v1/images" else None  # noqa: E731
     with serve_sample(sample, outage=refuse_images) as server:
-        settings = ImageGemSettings(
-            home=str(tmp_path / "home"),
-            source="civitai",
-            civitai_base_url=server.url,
-            civitai_rate_limit=0,
-        )
+        settings = WarehouseResource(home=str(tmp_path / "home"), source="civitai")
+        civitai = CivitaiResource(base_url=server.url, rate_limit=0)
         result = materialize_all(
-            settings, selection=dg.AssetSelection.assets(civitai_pages), raise_on_error=False
+            PipelineResources(settings, civitai),
+            selection=dg.AssetSelection.assets(civitai_pages),
+            raise_on_error=False,
         )
         refused = server.stats["outage_403"]
     assert not result.success and refused >= 1

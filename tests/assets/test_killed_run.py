@@ -12,7 +12,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pipelines.resources import ImageGemSettings
+from pipelines.resources import PipelineResources, WarehouseResource
 from pipelines.runner import materialize_all
 
 pytestmark = pytest.mark.slow
@@ -21,13 +21,15 @@ TABLES = ("images", "models", "users", "loras", "image_loras", "prompts", "inter
 
 CHILD = """
 from pipelines.runner import materialize_all
-from pipelines.resources import ImageGemSettings
-materialize_all(ImageGemSettings(home=%r, sample_users=%d))
+from pipelines.resources import PipelineResources, WarehouseResource
+materialize_all(PipelineResources(WarehouseResource(home=%r, sample_users=%d)))
 """
 
 
 def materialize(home: Path, users: int) -> None:
-    result = materialize_all(ImageGemSettings(home=str(home), sample_users=users))
+    result = materialize_all(
+        PipelineResources(WarehouseResource(home=str(home), sample_users=users))
+    )
     assert result.success
 
 

@@ -8,7 +8,12 @@ import hashlib
 import pytest
 
 from pipelines.civitai.fake_server import serve_sample
-from pipelines.resources import ImageGemSettings
+from pipelines.resources import (
+    CivitaiResource,
+    MediaResource,
+    PipelineResources,
+    WarehouseResource,
+)
 from pipelines.runner import materialize_all
 from pipelines.sample.generator import SampleSpec, generate_sample
 from warehouse.catalog import connect_readonly
@@ -21,16 +26,14 @@ def run(tmp_path_factory):
     generate_sample(sample, SampleSpec(users=60))
     home = tmp_path_factory.mktemp("home")
     with serve_sample(sample) as server:
-        settings = ImageGemSettings(
-            home=str(home),
-            source="release",
-            release_path=str(sample),
-            civitai_base_url=server.url,
-            civitai_rate_limit=0,
-            media_max_images=400,
+        settings = WarehouseResource(home=str(home), source="release", release_path=str(sample))
+        resources = PipelineResources(
+            settings,
+            CivitaiResource(base_url=server.url, rate_limit=0),
+            MediaResource(max_images=400),
         )
-        first = materialize_all(settings)
-        second = materialize_all(settings)
+        first = materialize_all(resources)
+        second = materialize_all(resources)
     return settings, first, second
 
 
@@ -52,7 +55,7 @@ def test_images_downloaded_verified_and_stored_by_content(run):
         data = store.read_bytes(path)
         assert (
             hashlib.sha256(data).hexdigest() == sha
-            and max(width, height) <= settings.media_max_side
+            and max(width, height) <= MediaResource().max_side
         )
 
 
@@ -86,10 +89,15 @@ def test_second_run_downloads_nothing_new(run):
     assert meta(second, "image_files", "carried_over") == meta(first, "image_files", "downloaded")
 
 
-def test_media_skipped_without_a_site(tmp_path, tiny_release):
-    settings = ImageGemSettings(
+def test_media_records_nothing_without_a_site(tmp_path, tiny_release):
+    settings = WarehouseResource(
         home=str(tmp_path), source="release", release_path=str(tiny_release)
     )
-    result = materialize_all(settings)
+    result = materialize_all(PipelineResources(settings))
     assert result.success
-    assert meta(result, "image_files", "skipped") is True
+    succeeded = {e.step_key for e in result.all_events if e.event_type_value == "STEP_SUCCESS"}
+    assert {"image_files", "lora_files", "images"} <= succeeded  # the steps ran ...
+    assert result.asset_materializations_for_node("images")
+    assert result.asset_materializations_for_node("image_files") == []  # ... and recorded nothing
+    assert result.asset_materializations_for_node("lora_files") == []
+    assert settings.lake().current("image_files") is None

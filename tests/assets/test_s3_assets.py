@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from pipelines.resources import ImageGemSettings
+from pipelines.resources import PipelineResources, WarehouseResource
 from pipelines.runner import materialize_all
 from tests.conftest import assert_every_check_passed
 from tests.factory import image_row, model_row, to_table
@@ -28,14 +28,14 @@ def test_materialize_with_s3_release_and_s3_lake(s3, s3_bucket, tmp_path, monkey
         with fs.open(f"{s3_bucket}/assets-release/{name}/part-0.parquet", "wb") as f:
             pq.write_table(to_table(rows, table), f)
 
-    settings = ImageGemSettings(
+    settings = WarehouseResource(
         home=f"s3://{s3_bucket}/home",
         source="release",
         release_path=f"s3://{s3_bucket}/assets-release",
         catalog=str(tmp_path / "warehouse.duckdb"),
         s3_endpoint_url=s3["client_kwargs"]["endpoint_url"],
     )
-    result = materialize_all(settings)
+    result = materialize_all(PipelineResources(settings))
     assert result.success
     checks = assert_every_check_passed(result)
     assert {("images", "reconciliation"), ("warehouse_catalog", "no_raw_usernames")} <= checks

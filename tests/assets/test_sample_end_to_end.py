@@ -15,7 +15,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pipelines.resources import ImageGemSettings
+from pipelines.resources import PipelineResources, WarehouseResource
 from pipelines.runner import materialize_all
 from tests.conftest import assert_every_check_passed
 from tests.sample.sample_queries import connect as connect_truth
@@ -30,8 +30,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    settings = ImageGemSettings(home=str(home), user_salt=SALT)
-    result = materialize_all(settings)
+    settings = WarehouseResource(home=str(home), user_salt=SALT)
+    result = materialize_all(PipelineResources(settings))
     assert result.success
     assert_every_check_passed(result)
     wh = duckdb.connect(settings.catalog_path(), read_only=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -10,13 +9,17 @@ import dagster as dg
 import duckdb
 import pytest
 
-from pipelines.resources import ImageGemSettings
+from pipelines.config import resources_from_env
+from pipelines.definitions import build_definitions
+from pipelines.jobs import CRAWL
+from pipelines.resources import PipelineResources, WarehouseResource
 from pipelines.runner import materialize_all
 from tests.factory import image_row, model_row, write_release
+from warehouse.tables import DERIVED
 
 
-def materialize(settings: ImageGemSettings, instance=None) -> dg.ExecuteInJobResult:
-    return materialize_all(settings, instance, raise_on_error=False)
+def materialize(settings: WarehouseResource, instance=None) -> dg.ExecuteInProcessResult:
+    return materialize_all(PipelineResources(settings), instance, raise_on_error=False)
 
 
 @pytest.fixture
@@ -30,7 +33,7 @@ def release(tmp_path):
 
 
 def test_all_assets_and_checks_pass(tmp_path, release):
-    settings = ImageGemSettings(
+    settings = WarehouseResource(
         home=str(tmp_path / "home"), source="release", release_path=str(release)
     )
     result = materialize(settings)
@@ -52,7 +55,7 @@ def test_all_assets_and_checks_pass(tmp_path, release):
 
 
 def test_catalog_answers_from_any_directory(tmp_path, release):
-    settings = ImageGemSettings(
+    settings = WarehouseResource(
         home=str(tmp_path / "home"), source="release", release_path=str(release)
     )
     assert materialize(settings).success
@@ -70,7 +73,7 @@ def test_catalog_answers_from_any_directory(tmp_path, release):
 
 
 def test_rematerialize_converges_and_catalog_follows(tmp_path, release):
-    settings = ImageGemSettings(
+    settings = WarehouseResource(
         home=str(tmp_path / "home"), source="release", release_path=str(release)
     )
     assert materialize(settings).success
@@ -85,7 +88,7 @@ def test_rematerialize_converges_and_catalog_follows(tmp_path, release):
 def test_bad_release_fails_with_a_clear_message(tmp_path):
     release = write_release(tmp_path / "release", [image_row(1)], [model_row(1)])
     (release / "images" / "part-1.parquet").write_bytes(b"PAR1 truncated")
-    settings = ImageGemSettings(
+    settings = WarehouseResource(
         home=str(tmp_path / "home"), source="release", release_path=str(release)
     )
     result = materialize(settings)
@@ -96,22 +99,44 @@ def test_bad_release_fails_with_a_clear_message(tmp_path):
 
 
 def test_missing_release_path_is_a_clear_error(tmp_path):
-    result = materialize(ImageGemSettings(home=str(tmp_path), source="release"))
+    result = materialize(WarehouseResource(home=str(tmp_path), source="release"))
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert "IMAGEGEM_RELEASE_PATH" in failure.event_specific_data.error.message
 
 
-def test_settings_from_env_bind_env_vars(monkeypatch, tmp_path):
-    monkeypatch.setenv("IMAGEGEM_HOME", str(tmp_path))
-    monkeypatch.setenv("IMAGEGEM_MAX_BROWSING_LEVEL", "3")
-    monkeypatch.setenv("IMAGEGEM_USER_SALT", "pepper")
-    plain = ImageGemSettings.from_env(bind_env_vars=False)
-    assert (
-        plain.home == str(tmp_path)
-        and plain.max_browsing_level == 3
-        and plain.user_salt == "pepper"
+def test_env_bound_resources_reach_the_assets(monkeypatch, tmp_path, release):
+    """The code location binds the environment as dg.EnvVar: values are resolved when the run
+    starts, so a browsing level set only in the environment changes what is kept."""
+    monkeypatch.setenv("IMAGEGEM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("IMAGEGEM_SOURCE", "release")
+    monkeypatch.setenv("IMAGEGEM_RELEASE_PATH", str(release))
+    monkeypatch.setenv("IMAGEGEM_MAX_BROWSING_LEVEL", "8")
+    resources = resources_from_env()
+    assert isinstance(resources.warehouse.home, dg.EnvVar)  # the UI shows the variable
+    assert isinstance(resources.warehouse.max_browsing_level, type(dg.EnvVar.int("_")))
+    location = build_definitions(resources)
+    keys = (dg.AssetSelection.assets("images").upstream() - CRAWL).resolve(
+        location.resolve_asset_graph()
     )
-    bound = ImageGemSettings.from_env()
-    assert isinstance(bound.user_salt, dg.EnvVar)  # the UI shows the variable, never the value
-    assert os.environ["IMAGEGEM_USER_SALT"] == "pepper"
+    result = location.resolve_job_def("imagegem_warehouse").execute_in_process(
+        asset_selection=sorted(keys)
+    )
+    assert result.success
+    meta = result.asset_materializations_for_node("images")[0].metadata
+    # image 100 (browsingLevel 8) is kept now; only the bad size is quarantined
+    assert meta["dagster/row_count"].value == 31
+    assert meta["quarantined"].value == 1
+    assert (tmp_path / "home" / "lake" / "images" / "_CURRENT").exists()
+
+
+def test_every_asset_check_has_a_description():
+    location = build_definitions(PipelineResources())
+    specs = [s for a in [*location.assets, *location.asset_checks] for s in a.check_specs]
+    names = {(s.asset_key.to_user_string(), s.name) for s in specs}
+    assert ("images", "safety_filter_applied") in names
+    assert ("warehouse_catalog", "no_raw_usernames") in names
+    # 4 per clean table, unique_key per derived table, the quarantine's and the catalog's
+    assert len(specs) == 2 * 4 + len(DERIVED) + 2
+    undescribed = [f"{s.asset_key.to_user_string()}:{s.name}" for s in specs if not s.description]
+    assert not undescribed, undescribed

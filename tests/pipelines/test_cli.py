@@ -1,4 +1,4 @@
-"""The imagegem command line: sample, sql (read-only), tour.
+"""The imagegem command line: sample, sql (read-only), tour, the demo and its summary.
 
 Every answer the CLI prints is checked against a value computed independently of the catalog
 and the CLI: straight from the lake's Parquet files with pyarrow.
@@ -7,17 +7,20 @@ and the CLI: straight from the lake's Parquet files with pyarrow.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
+import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main
-from pipelines.resources import ImageGemSettings
-from pipelines.runner import materialize_all
+from pipelines.resources import PipelineResources, WarehouseResource
+from pipelines.runner import format_checks, format_summary, materialize_runs, stage_rows
 from pipelines.sample.generator import SampleSpec
 from warehouse.lake import Lake
 
@@ -25,12 +28,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
+def runs(tmp_path_factory):
     """A materialized home, shared by the module; the CLI only ever opens it read-only."""
     home = tmp_path_factory.mktemp("home")
-    result = materialize_all(ImageGemSettings(home=str(home), sample_users=80))
-    assert result.success
-    return home
+    results = materialize_runs(
+        PipelineResources(WarehouseResource(home=str(home), sample_users=80))
+    )
+    assert results and all(r.success for r in results)
+    return home, results
+
+
+@pytest.fixture(scope="module")
+def home(runs) -> Path:
+    return runs[0]
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +208,93 @@ def test_sample_command_writes_the_requested_release(tmp_path, capsys):
     assert list((out / "truth").glob("*.parquet"))
     printed = capsys.readouterr()
     assert str(out) in printed.out and f"{spec.image_rows:,}" in printed.err  # progress
+
+
+@pytest.mark.slow
+def test_without_a_site_the_run_goes_through_the_warehouse_job(runs):
+    _, results = runs
+    assert len(results) == 1
+    assert results[0].dagster_run.job_name == "imagegem_warehouse"
+    assert results[0].asset_materializations_for_node("civitai_pages") == []
+
+
+@pytest.mark.slow
+def test_summary_rows_come_from_the_materializations(runs):
+    _, results = runs
+    rows = {r.asset: r for r in stage_rows(results)}
+    meta = results[0].asset_materializations_for_node("images")[0].metadata
+    images = rows["images"]
+    assert images.group == "warehouse"
+    assert images.rows_in == meta["rows_in"].value > images.rows_out
+    assert images.rows_out == meta["dagster/row_count"].value
+    assert images.quarantined == meta["quarantined"].value > 0
+    assert images.seconds is not None and images.seconds > 0
+    assert rows["release_files"].rows_out == (
+        results[0].asset_materializations_for_node("release_files")[0].metadata["image_rows"].value
+        + results[0]
+        .asset_materializations_for_node("release_files")[0]
+        .metadata["model_rows"]
+        .value
+    )
+    assert "image_files" not in rows  # nothing downloaded without a site: nothing to report
+    table = format_summary(stage_rows(results)).splitlines()
+    assert table[0].split() == [
+        "stage",
+        "asset",
+        "rows",
+        "in",
+        "rows",
+        "out",
+        "quarantined",
+        "seconds",
+    ]
+    line = next(ln for ln in table if ln.split()[1] == "images")
+    assert line.split()[2:5] == [
+        f"{images.rows_in:,}",
+        f"{images.rows_out:,}",
+        f"{images.quarantined:,}",
+    ]
+    evaluations = results[0].get_asset_check_evaluations()
+    assert format_checks(results) == f"asset checks: {len(evaluations)} passed, 0 failed"
+
+
+@pytest.mark.slow
+def test_demo_prints_progress_a_summary_and_where_to_look(tmp_path, monkeypatch):
+    """The whole demo in a child process: the fake Civitai, the crawl and the downloads, INFO
+    progress without Dagster's DEBUG events, the summary, and runs kept in the instance under
+    the job's name."""
+    shutil.copy(ROOT / "dagster.yaml", tmp_path / "dagster.yaml")
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(ROOT),
+        "DAGSTER_HOME": str(tmp_path),
+        "IMAGEGEM_HOME": str(tmp_path / "data"),
+        "IMAGEGEM_SAMPLE_USERS": "40",
+        "IMAGEGEM_MEDIA_MAX_IMAGES": "100",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "demo"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert " - DEBUG - " not in text and "STEP_START" not in text
+    assert " - INFO - imagegem_all - " in text  # Dagster's progress lines, at INFO
+    assert "Summary: 1 run(s) of imagegem_all" in out.stdout
+    summary = out.stdout.split("Summary:", 1)[1]
+    for asset in ("civitai_pages [", "images", "image_files", "lora_files", "warehouse_catalog"):
+        assert asset in summary
+    assert "asset checks:" in summary and ", 0 failed" in summary
+    assert (
+        "Where to look next" in summary and str(tmp_path / "data" / "warehouse.duckdb") in summary
+    )
+    assert (tmp_path / ".dagster" / "history" / "runs.db").exists()
+    monkeypatch.chdir(tmp_path)  # the instance's paths are relative to where Dagster runs
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    with dg.DagsterInstance.get() as instance:
+        assert [r.job_name for r in instance.get_runs()] == ["imagegem_all"]

@@ -1,0 +1,228 @@
+"""The warehouse's data checks as plain functions: each returns ``passed`` and its numbers.
+
+The Dagster assets wrap these results in ``AssetCheckResult``s; tests call them directly.
+Every function reads the committed lake tables (``Lake.scan``), never a copy of them.
+
+* :func:`schema_check` — a clean table's Parquet schema is the release shape, in order;
+* :func:`reconciliation_check` — rows in = rows out + quarantined + exact duplicates;
+* :func:`unique_key_check` — the table's key holds;
+* :func:`safety_check` — no kept row breaks the clean stage's own safety rules (the rules of
+  its :class:`~warehouse.clean.CleanSpec`, evaluated again on the written table) and no kept
+  text scored above the toxicity threshold;
+* :func:`quarantine_summary` — quarantined rows by step and reason; every row has a reason,
+  a source and a key;
+* :func:`raw_usernames_check` — every user identifier in the warehouse, and every
+  ``userHash``/``username`` value inside a quarantine payload, is a 64-hex hash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import duckdb
+import pyarrow.parquet as pq
+
+from warehouse.clean import CleanConfig, CleanSpec, StepReport, reconcile
+from warehouse.lake import Lake
+from warehouse.quarantine import union_sql
+from warehouse.schema import USER_HASH_COLUMNS, USER_HASH_PATTERN, ReleaseTable
+from warehouse.tables import duplicate_keys
+
+# Columns the clean stage computes while staging rows and does not write: a safety rule that
+# reads one of them cannot be evaluated again on the clean table.
+STAGED_COLUMNS = ("_toxicity", "_scorer")
+
+
+@dataclass(frozen=True)
+class SchemaCheck:
+    """A clean table's columns against the release shape."""
+
+    passed: bool
+    columns: int
+    expected_columns: int
+    mismatches: list[str] = field(default_factory=list)
+
+
+def schema_check(lake: Lake, table: ReleaseTable, name: str | None = None) -> SchemaCheck:
+    """The committed lake table ``name`` (default: the table's name) has the clean schema of
+    ``table``: the same columns, in order, with the same types (read from a file footer)."""
+    version = lake.require(name or table.name)
+    with lake.fs.open(version.part(0), "rb") as f:
+        found = pq.read_schema(f)
+    expected = table.clean_schema()
+    mismatches = [
+        f"{e.name}: expected {e.type}, found "
+        f"{found.field(e.name).type if e.name in found.names else 'missing'}"
+        for e in expected
+        if e.name not in found.names or not found.field(e.name).type.equals(e.type)
+    ]
+    mismatches += [f"{n}: not a release column" for n in found.names if n not in expected.names]
+    return SchemaCheck(
+        passed=not mismatches and found.names == expected.names,
+        columns=len(found.names),
+        expected_columns=len(expected.names),
+        mismatches=mismatches,
+    )
+
+
+@dataclass(frozen=True)
+class ReconciliationCheck:
+    """Every raw row ended in exactly one place (counted from the written files)."""
+
+    passed: bool
+    rows_in: int
+    rows_out: int
+    quarantined: int
+    exact_duplicates_dropped: int
+
+
+def reconciliation_check(
+    con: duckdb.DuckDBPyConnection, lake: Lake, spec: CleanSpec, report: StepReport
+) -> ReconciliationCheck:
+    """rows in = rows out + quarantined + exact duplicates, from the files and the report."""
+    rows_in, rows_out, quarantined = reconcile(con, lake, spec)
+    return ReconciliationCheck(
+        passed=rows_in == rows_out + quarantined + report.duplicates and report.reconciles,
+        rows_in=rows_in,
+        rows_out=rows_out,
+        quarantined=quarantined,
+        exact_duplicates_dropped=report.duplicates,
+    )
+
+
+@dataclass(frozen=True)
+class UniqueKeyCheck:
+    """The key of a committed table holds."""
+
+    passed: bool
+    key: tuple[str, ...]
+    duplicated_keys: int
+
+
+def unique_key_check(
+    con: duckdb.DuckDBPyConnection, lake: Lake, table: str, key: tuple[str, ...]
+) -> UniqueKeyCheck:
+    """No value of ``key`` occurs twice in the committed ``table``."""
+    dupes = duplicate_keys(con, lake, table, key)
+    return UniqueKeyCheck(passed=dupes == 0, key=tuple(key), duplicated_keys=dupes)
+
+
+@dataclass(frozen=True)
+class SafetyCheck:
+    """Kept rows against the clean stage's safety rules.
+
+    ``violations``: kept rows per safety rule (by its reason) that the rule would have
+    quarantined; ``max_toxicity_kept``: the highest toxicity among kept texts (as scored by
+    the clean step).
+    """
+
+    passed: bool
+    violations: dict[str, int]
+    max_toxicity_kept: float
+    toxicity_threshold: float
+    scorer: str
+
+
+def row_safety_rules(spec: CleanSpec) -> list:
+    """The spec's safety rules that read only columns of the clean table."""
+    return [r for r in spec.safety_rules if not any(c in r.when for c in STAGED_COLUMNS)]
+
+
+def safety_check(
+    con: duckdb.DuckDBPyConnection,
+    lake: Lake,
+    spec: CleanSpec,
+    cfg: CleanConfig,
+    report: StepReport,
+) -> SafetyCheck:
+    """No kept row of ``spec.out`` breaks a safety rule of ``spec`` (the same SQL the clean
+    step applied, evaluated on the written table), and the highest toxicity among the kept
+    texts is within ``cfg.toxicity_threshold``."""
+    rules = row_safety_rules(spec)
+    violations: dict[str, int] = {}
+    if rules:
+        counts = ", ".join(f"count(*) FILTER (WHERE ({r.when}))" for r in rules)
+        row = con.execute(f"SELECT {counts} FROM {lake.scan(spec.out)}").fetchone()
+        violations = {r.reason: int(n) for r, n in zip(rules, row, strict=True)}
+    max_toxicity = float(report.max_kept_toxicity)
+    return SafetyCheck(
+        passed=not any(violations.values()) and max_toxicity <= cfg.toxicity_threshold,
+        violations=violations,
+        max_toxicity_kept=max_toxicity,
+        toxicity_threshold=cfg.toxicity_threshold,
+        scorer=report.scorer,
+    )
+
+
+@dataclass(frozen=True)
+class QuarantineSummary:
+    """Quarantined rows by step and reason; ``passed`` when every row has a reason, a source
+    and a key."""
+
+    passed: bool
+    total: int
+    by_reason: list[tuple[str, str, int]]
+    rows_without_reason: int
+
+
+def quarantine_summary(con: duckdb.DuckDBPyConnection, lake: Lake) -> QuarantineSummary:
+    """Counts over the union of every committed quarantine part (none yet: zero rows)."""
+    union = union_sql(lake)
+    if union is None:
+        return QuarantineSummary(passed=True, total=0, by_reason=[], rows_without_reason=0)
+    by_reason = [
+        (step, reason, int(n))
+        for step, reason, n in con.execute(
+            f"SELECT step, reason, count(*) AS n FROM ({union}) GROUP BY ALL "
+            "ORDER BY n DESC, step, reason"
+        ).fetchall()
+    ]
+    missing = con.execute(
+        f"SELECT count(*) FROM ({union}) "
+        "WHERE reason IS NULL OR source IS NULL OR record_key IS NULL"
+    ).fetchone()[0]
+    return QuarantineSummary(
+        passed=missing == 0,
+        total=sum(n for _, _, n in by_reason),
+        by_reason=by_reason,
+        rows_without_reason=int(missing),
+    )
+
+
+@dataclass(frozen=True)
+class UsernameCheck:
+    """Raw usernames found: distinct offending values per table (``quarantine.payload`` for
+    values inside quarantine payloads)."""
+
+    passed: bool
+    tables_checked: int
+    offending_values: dict[str, int]
+
+
+# A "userHash" or "username" JSON member's string value, at any depth; a regex, so bodies that
+# are not valid JSON (a bad page landed as text) are read too.
+_PAYLOAD_USER = '"(?:userHash|username)"\\s*:\\s*"([^"]*)"'
+
+
+def raw_usernames_check(con: duckdb.DuckDBPyConnection, lake: Lake) -> UsernameCheck:
+    """Every user identifier in the committed warehouse tables and quarantine payloads is a
+    salted hash (64 lowercase hex), never a raw username. Tables not materialized yet are
+    skipped; distinct values are tested, so millions of rows cost one regex per user."""
+    pattern = USER_HASH_PATTERN[1:-1]
+    offenders: dict[str, int] = {}
+    for table, column in USER_HASH_COLUMNS.items():
+        if lake.current(table) is None:
+            continue
+        offenders[table] = con.execute(
+            f'SELECT count(*) FROM (SELECT DISTINCT "{column}" AS u FROM {lake.scan(table)}) '
+            f"WHERE NOT regexp_full_match(u, '{pattern}')"
+        ).fetchone()[0]
+    union = union_sql(lake)
+    if union is not None:
+        offenders["quarantine.payload"] = con.execute(
+            "SELECT count(*) FROM (SELECT DISTINCT unnest(regexp_extract_all(payload, "
+            f"'{_PAYLOAD_USER}', 1)) AS u FROM ({union})) "
+            f"WHERE NOT regexp_full_match(u, '{pattern}')"
+        ).fetchone()[0]
+    bad = {t: int(n) for t, n in offenders.items() if n}
+    return UsernameCheck(passed=not bad, tables_checked=len(offenders), offending_values=bad)
