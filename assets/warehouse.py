@@ -241,7 +241,7 @@ def table1_stats(
 ) -> dg.MaterializeResult:
     """The paper's Table 1 — raw vs safety-filtered images, unique prompts, LoRAs, unique tags,
     users, uploaders and averages — on this data, beside the published figures, plus the
-    shape ratios of the ImageGem schema doc."""
+    published shape ratios of the release (users per uploader, images per user, ...)."""
     lake, con = warehouse.lake(), warehouse.duck()
     stats = compute_table1(con, lake)
     lake.write_table("table1_stats", stats.to_arrow())

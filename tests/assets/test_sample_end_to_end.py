@@ -177,7 +177,7 @@ def test_shape_ratios_within_25_percent_of_imagegem(world):
     assert top >= 0.5  # heavy tail: the top 10 % of LoRAs carry at least half of the image rows
 
 
-# -- the example questions of the schema doc, against the truth ---------------------------------
+# -- the example questions (warehouse/sql/questions.sql), against the truth -----------------------
 
 
 def run_question(wh, name, **variables):
