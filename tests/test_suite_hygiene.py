@@ -30,7 +30,6 @@ KNOWN: set[str] = {
     "media/test_downloaders.py::test_bad_images_are_quarantined_with_reasons: all",
     "media/test_downloaders.py::test_loras_are_downloaded_verified_and_pickles_refused_unrequested: all",
     "media/test_downloaders.py::test_traversal_names_are_neutralised: all",
-    "pipelines/test_schedules.py::test_todays_window_exists_and_definitions_load: all",
     "warehouse/test_macros.py::test_prompt_id_is_stable_and_short: self",
 }
 
