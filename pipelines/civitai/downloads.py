@@ -221,10 +221,10 @@ def safe_file_name(name: str | None, fallback: str = "file") -> str:
     return clean(name or "") or clean(fallback) or "file"
 
 
-def http_reason(status: int) -> str:
-    """The reason of a final, non-retried HTTP answer."""
+def http_reason(status: int, api: bool = False) -> str:
+    """The reason of a final, non-retried HTTP answer (``api``: from the API origin)."""
     if status == 401:
-        return "http 401: unauthorized (API token missing or refused)"
+        return "http 401: unauthorized" + (" (API token missing or refused)" if api else "")
     if status == 403:
         return "http 403: forbidden"
     return f"http {status}"
@@ -435,8 +435,9 @@ class _Run:
                 if hop == 0:
                     raise Failure(f"unsupported url scheme {scheme!r}")
                 raise Failure(f"refused: redirect to a {scheme!r} url", STATUS_REFUSED)
-            if self.unauthorized and origin(url) == api:
-                raise Failure(f"{http_reason(401)}; not requested after an earlier 401")
+            on_api = origin(url) == api
+            if self.unauthorized and on_api:
+                raise Failure(f"{http_reason(401, on_api)}; not requested after an earlier 401")
             response = await self.session.send(url, stream=True)
             try:
                 status = response.status_code
@@ -454,10 +455,10 @@ class _Run:
                         status=status,
                         retry_after=parse_retry_after(response.headers.get("Retry-After")),
                     )
-                if status == 401 and origin(url) == api:
+                if status == 401 and on_api:
                     self.unauthorized = True
                 if status != 200:
-                    raise Failure(http_reason(status))
+                    raise Failure(http_reason(status, on_api))
                 self.kind.check_response(response, item, row)
                 return await self._receive(response, url)
             finally:
@@ -513,15 +514,17 @@ async def _drain(response: httpx.Response, limit: int = DRAIN_BYTES) -> None:
         return
     read = 0
     with contextlib.suppress(httpx.HTTPError):
-        async for chunk in response.aiter_raw():
+        async for chunk in response.aiter_bytes():
             read += len(chunk)
             if read > limit:
                 return
 
 
 def _gave_up(exc: Retryable) -> str:
+    """The reason of an item whose attempts ran out (no URL: signed URLs stay out of tables)."""
     what = {"http": f"http {exc.status}", "timeout": "timeout"}.get(exc.kind, "connection error")
-    return f"{what}: gave up after {exc.attempts} attempts ({exc})"
+    detail = f" ({exc.detail})" if exc.detail else ""
+    return f"{what}: gave up after {exc.attempts} attempts{detail}"
 
 
 def run_downloads(

@@ -177,7 +177,8 @@ class Retryable(Exception):
 
     ``kind``: ``"http"`` (``status`` set), ``"timeout"`` or ``"connection"``. ``payload``:
     whatever the caller wants back when retries run out (the client's ``ApiResponse``).
-    ``attempts``: set when the last attempt failed. The message is already scrubbed.
+    ``detail``: what went wrong without the URL (for tables). ``attempts``: set when the
+    last attempt failed. Message and detail are already scrubbed.
     """
 
     def __init__(
@@ -188,12 +189,14 @@ class Retryable(Exception):
         status: int | None = None,
         retry_after: float | None = None,
         payload: Any = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.status = status
         self.retry_after = retry_after
         self.payload = payload
+        self.detail = detail
         self.attempts = 0
 
 
@@ -387,13 +390,17 @@ class HttpSession:
         except httpx.TimeoutException as exc:
             self.stats.errors["timeout"] += 1
             raise Retryable(
-                self.scrub(f"timeout ({type(exc).__name__}) for {where}"), kind="timeout"
+                self.scrub(f"timeout ({type(exc).__name__}) for {where}"),
+                kind="timeout",
+                detail=type(exc).__name__,
             ) from None
         except httpx.TransportError as exc:
             self.stats.errors["connection"] += 1
+            detail = self.scrub(f"{type(exc).__name__}: {exc}")
             raise Retryable(
-                self.scrub(f"connection error ({type(exc).__name__}: {exc}) for {where}"),
+                self.scrub(f"connection error ({detail}) for {where}"),
                 kind="connection",
+                detail=detail,
             ) from None
         self.stats.statuses[answer.status_code] += 1
         return answer
@@ -404,9 +411,9 @@ class HttpSession:
         kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection"
         self.stats.errors[kind] += 1
         what = "timeout" if kind == "timeout" else "connection error"
+        detail = self.scrub(f"{type(exc).__name__} while reading the body")
         return Retryable(
-            self.scrub(f"{what} while reading ({type(exc).__name__}) for {strip_token(where)}"),
-            kind=kind,
+            self.scrub(f"{what}: {detail} of {strip_token(where)}"), kind=kind, detail=detail
         )
 
     # -- retries ---------------------------------------------------------------------------
