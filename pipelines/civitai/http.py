@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import SimpleNamespace
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from aiolimiter import AsyncLimiter
@@ -85,11 +85,20 @@ def is_retryable(status: int) -> bool:
 
 
 def strip_token(url: str | None) -> str | None:
-    """``url`` without ``token`` / ``api_key`` query parameters (for tables and logs)."""
+    """``url`` without ``token`` / ``api_key`` query parameters (for tables and logs); the
+    other parameters keep their order and encoding."""
     if url is None:
         return None
-    cleaned = _TOKEN_PARAM.sub(lambda m: m.group(1), url)
-    return cleaned.rstrip("?&")
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not parseable as a URL: cut the parameters out of the text
+        return _TOKEN_PARAM.sub(lambda m: m.group(1), url).rstrip("?&")
+    kept = [
+        pair
+        for pair in parts.query.split("&")
+        if pair and pair.split("=", 1)[0].lower() not in TOKEN_PARAMS
+    ]
+    return urlunsplit(parts._replace(query="&".join(kept)))
 
 
 def scrub(text: str, token: str | None = None) -> str:

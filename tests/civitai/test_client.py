@@ -251,6 +251,8 @@ def test_tokens_are_stripped_from_urls_and_scrubbed_from_texts():
         "https://x/y?type=Model&format=SafeTensor"
     )
     assert http.strip_token("https://x/y?API_KEY=SECRET") == "https://x/y"
+    assert http.strip_token("https://x/y?a=%20b&token=S#frag") == "https://x/y?a=%20b#frag"
+    assert http.strip_token("https://x/y?mytoken=kept") == "https://x/y?mytoken=kept"
     assert http.strip_token(None) is None
     text = f"GET https://x/y?a=1&token=abc failed; api_key=def; Bearer {TOKEN} ({TOKEN})"
     assert http.scrub(text, TOKEN) == (
