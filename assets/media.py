@@ -10,44 +10,13 @@ import dagster as dg
 import pyarrow as pa
 
 from assets.warehouse import images
+from pipelines.civitai.downloads import download_images, download_loras
 from pipelines.resources import CivitaiResource, MediaResource, WarehouseResource
 from warehouse.lake import Lake
-from warehouse.media import (
-    MediaStore,
-    download_images,
-    download_loras,
-    images_to_download,
-    loras_to_download,
-)
+from warehouse.media import MediaStore, images_to_download, loras_to_download
 from warehouse.preview import bar_chart_markdown, markdown_table
-from warehouse.quarantine import QuarantineRecord, payload_text, quarantine_table
 
 GROUP = "media"
-
-
-# TRANSITIONAL (issue 6, HTTP stack): the downloaders will write QuarantineRecords themselves.
-def from_image_downloads(failures: pa.Table) -> pa.Table:
-    return quarantine_table(
-        QuarantineRecord(
-            "media", "image_files", "images", f"imageId={r['imageId']}", r["reason"], r["url"]
-        )
-        for r in failures.to_pylist()
-    )
-
-
-def from_lora_downloads(failures: pa.Table) -> pa.Table:
-    return quarantine_table(
-        QuarantineRecord(
-            "media",
-            "lora_files",
-            "models",
-            f"modelVersionId={r['modelVersionId']}/fileId={r['fileId']}",
-            r["reason"],
-            r["url"],
-            payload=payload_text({"file_name": r["file_name"]}),
-        )
-        for r in failures.to_pylist()
-    )
 
 
 def _existing(lake: Lake, table: str) -> pa.Table | None:
@@ -96,7 +65,7 @@ def image_files(
     if _no_site(context, civitai):
         return
     lake, con = warehouse.lake(), warehouse.duck()
-    rows = images_to_download(con, lake.glob("images"), media.max_images)
+    rows = images_to_download(con, lake, media.max_images)
     report = download_images(
         rows,
         MediaStore(lake),
@@ -105,9 +74,10 @@ def image_files(
         max_side=media.max_side,
         log=context.log,
         existing=_existing(lake, "image_files"),
+        rate_limit=civitai.rate_limit or None,
     )
     lake.write_table("image_files", report.table)
-    lake.write_table("quarantine/image_files", from_image_downloads(report.quarantine))
+    lake.write_table("quarantine/image_files", report.quarantine)
     preview = report.table.filter(pa.compute.equal(report.table["status"], "ok")).slice(0, 5)
     yield dg.MaterializeResult(
         metadata={
@@ -147,7 +117,7 @@ def lora_files(
     if _no_site(context, civitai):
         return
     lake, con = warehouse.lake(), warehouse.duck()
-    rows = loras_to_download(con, lake.glob("loras"))
+    rows = loras_to_download(con, lake)
     report = download_loras(
         rows,
         MediaStore(lake),
@@ -157,9 +127,10 @@ def lora_files(
         max_bytes=media.lora_max_mb * 1024 * 1024,
         log=context.log,
         existing=_existing(lake, "lora_files"),
+        rate_limit=civitai.rate_limit or None,
     )
     lake.write_table("lora_files", report.table)
-    lake.write_table("quarantine/lora_files", from_lora_downloads(report.quarantine))
+    lake.write_table("quarantine/lora_files", report.quarantine)
     yield dg.MaterializeResult(
         metadata={
             **_summary(report.table, report.reasons),
@@ -167,6 +138,7 @@ def lora_files(
             "carried_over": report.skipped,
             "refused": report.refused,
             "failed": report.failed,
+            "unverified": report.unverified,
             "seconds": round(report.seconds, 1),
         }
     )

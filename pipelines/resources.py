@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 import dagster as dg
 
 from pipelines.civitai.client import DEFAULT_BASE_URL, CivitaiClient
+from pipelines.civitai.downloads import image_url_map
 from warehouse.clean import CleanConfig
 from warehouse.duck import DuckSettings, connect
 from warehouse.lake import Lake, is_remote
@@ -30,7 +31,6 @@ from warehouse.safety import ToxicityScorer, make_scorer
 
 DEV_SALT = "imagegem-dev-salt-change-me"
 SOURCES = ("sample", "release", "civitai")
-IMAGE_CDN = "https://image.civitai.com"
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -154,7 +154,7 @@ class MediaResource(dg.ConfigurableResource):
     def image_url_map(self, civitai_base_url: str | None) -> dict[str, str]:
         """Image CDN → the configured image host (else the Civitai site, e.g. the fake one)."""
         target = self.image_base_url or civitai_base_url
-        return {IMAGE_CDN: target} if target else {}
+        return image_url_map(target) if target else {}
 
 
 class EncoderResource(dg.ConfigurableResource):

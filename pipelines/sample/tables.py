@@ -28,11 +28,11 @@ from pipelines.sample.world import (
     World,
     kind_code,
 )
-from warehouse.schema import IMAGES, MODELS
+from warehouse.schema import CIVITAI_IMAGE_CDN, CIVITAI_SITE, IMAGES, MODELS
 
 N_STYLES = len(st.STYLES)
-IMAGE_URL_PREFIX = "https://image.civitai.com/xG1nkqKTMzGDvpLrqFT7WA/"
-DOWNLOAD_URL_PREFIX = "https://civitai.com/api/download/models/"
+IMAGE_URL_PREFIX = f"{CIVITAI_IMAGE_CDN}/xG1nkqKTMzGDvpLrqFT7WA/"
+DOWNLOAD_URL_PREFIX = f"{CIVITAI_SITE}/api/download/models/"
 
 # Prompt slots: (name, radix); the key of a recipe is spelled in this mixed radix.
 PROMPT_RADICES: tuple[int, ...] = (

@@ -78,6 +78,18 @@ def test_loras_checked_and_pickles_refused_never_loaded(run):
         ).fetchone()[0]
         == refused
     )
+    # every release row of the sample has a hash: every stored file was verified against it
+    verified = con.execute(
+        "SELECT count(*) FILTER (sha256_verified), count(*) FROM lora_files WHERE status = 'ok'"
+    ).fetchone()
+    assert verified[1] > 0 and verified[0] == verified[1]
+    # the downloaders write the one quarantine shape directly, keyed and with the source url
+    keys = con.execute(
+        "SELECT DISTINCT source, table_name, regexp_matches(record_key, "
+        "'^modelVersionId=[0-9]+/fileId=[0-9]+$'), detail LIKE 'http%' "
+        "FROM quarantine WHERE step = 'lora_files'"
+    ).fetchall()
+    assert keys == [("media", "models", True, True)]
 
 
 def test_second_run_downloads_nothing_new(run):

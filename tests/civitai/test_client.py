@@ -12,6 +12,7 @@ from email.utils import format_datetime
 import httpx
 import pytest
 
+from pipelines.civitai import http
 from pipelines.civitai.client import (
     CivitaiClient,
     CivitaiError,
@@ -60,7 +61,7 @@ def test_retry_after_is_honoured_then_success():
     assert client.stats.statuses == {503: 1, 200: 1}
 
 
-@pytest.mark.parametrize("status", [429, 499, 500, 502, 503, 504])
+@pytest.mark.parametrize("status", [429, 499, 500, 502, 503, 504, 520])
 def test_retryable_statuses_are_retried(status):
     transport, seen = scripted([httpx.Response(status, text=""), ok()])
     client = CivitaiClient("http://civitai.test", retry=FAST, transport=transport)
@@ -172,3 +173,104 @@ def test_repr_never_shows_the_token():
     assert client.has_token and client.rate_limit == 20.0 and client.timeout == 5.0
     assert TOKEN not in repr(client)
     assert not CivitaiClient().has_token and CivitaiClient().base_url == "https://civitai.com"
+
+
+def _recorder():
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    return waits, sleep
+
+
+def test_parse_retry_after_with_a_given_clock():
+    now = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("Sun, 01 Mar 2026 12:00:45 GMT", now=now) == 45.0
+    assert parse_retry_after("Sun, 01 Mar 2026 11:59:00 GMT", now=now) == 0.0  # past: now
+    assert parse_retry_after("Sunday, 01-Mar-26 12:01:00 GMT", now=now) == 60.0  # RFC 850
+    assert parse_retry_after("-5") == 0.0
+    assert parse_retry_after("nan") is None and parse_retry_after("  ") is None
+
+
+def test_retry_after_as_an_http_date_is_waited_by_the_client():
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=40), usegmt=True)
+    transport, seen = scripted([httpx.Response(503, headers={"Retry-After": later}), ok()])
+    waits, sleep = _recorder()
+    policy = RetryPolicy(attempts=3, initial=0.01, maximum=0.05, jitter=0.0, max_retry_after=90)
+    client = CivitaiClient("http://civitai.test", retry=policy, transport=transport, sleep=sleep)
+    assert run_get(client).ok and len(seen) == 2
+    assert len(waits) == 1 and 30.0 <= waits[0] <= 40.0
+
+
+def test_retry_after_beyond_the_cap_is_capped_for_the_client():
+    transport, seen = scripted([httpx.Response(429, headers={"Retry-After": "86400"}), ok()])
+    waits, sleep = _recorder()
+    policy = RetryPolicy(attempts=3, initial=0.01, maximum=0.05, jitter=0.0, max_retry_after=2.5)
+    client = CivitaiClient("http://civitai.test", retry=policy, transport=transport, sleep=sleep)
+    assert run_get(client).ok
+    assert waits == [2.5] and client.stats.seconds_waiting == 2.5
+    assert policy.wait(1, 86400.0) == 2.5 and policy.wait(1, 1.0) == 1.0
+    assert policy.wait(3, None) == 0.04  # no Retry-After: the backoff
+
+
+def test_the_client_and_the_downloads_share_one_policy():
+    from pipelines.civitai import client as client_module
+    from pipelines.civitai import downloads
+
+    assert client_module.RetryPolicy is http.RetryPolicy is downloads.RetryPolicy
+    assert client_module.USER_AGENT == http.USER_AGENT == downloads.USER_AGENT
+    assert client_module.RETRY_STATUSES is http.RETRY_STATUSES
+    assert {429, 499, 500, 503, 599} <= http.RETRY_STATUSES
+    assert not {400, 401, 403, 404, 410} & http.RETRY_STATUSES
+    transport, seen = scripted([ok()])
+    run_get(CivitaiClient("http://civitai.test", TOKEN, retry=FAST, transport=transport))
+    assert seen[0].headers["User-Agent"] == http.USER_AGENT
+
+
+def test_the_token_goes_to_the_api_origin_only():
+    session = http.HttpSession("https://civitai.com", TOKEN)
+    assert session.auth_headers("https://civitai.com/api/download/models/1") == {
+        "Authorization": f"Bearer {TOKEN}"
+    }
+    for other in (
+        "https://cdn.civitai.com/file",
+        "http://civitai.com/api/v1/models",  # another scheme is another origin
+        "https://civitai.com.evil.test/api",
+    ):
+        assert session.auth_headers(other) == {}
+    assert http.HttpSession("https://civitai.com").auth_headers("https://civitai.com/x") == {}
+
+
+def test_tokens_are_stripped_from_urls_and_scrubbed_from_texts():
+    assert (
+        http.strip_token("https://x/api/download/models/1?token=SECRET")
+        == "https://x/api/download/models/1"
+    )
+    assert http.strip_token("https://x/y?type=Model&token=SECRET&format=SafeTensor") == (
+        "https://x/y?type=Model&format=SafeTensor"
+    )
+    assert http.strip_token("https://x/y?API_KEY=SECRET") == "https://x/y"
+    assert http.strip_token("https://x/y?a=%20b&token=S#frag") == "https://x/y?a=%20b#frag"
+    assert http.strip_token("https://x/y?mytoken=kept") == "https://x/y?mytoken=kept"
+    assert http.strip_token(None) is None
+    text = f"GET https://x/y?a=1&token=abc failed; api_key=def; Bearer {TOKEN} ({TOKEN})"
+    assert http.scrub(text, TOKEN) == (
+        "GET https://x/y?a=1&token=*** failed; api_key=***; Bearer *** (***)"
+    )
+    assert http.scrub("mytoken=kept", None) == "mytoken=kept"  # only whole parameter names
+
+
+def test_library_loggers_are_scrubbed_while_a_session_is_open(caplog):
+    caplog.set_level(logging.DEBUG)
+
+    def echo(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(307, headers={"Location": f"https://cdn.test/f?token={TOKEN}"})
+
+    transport, _ = scripted([echo])
+    client = CivitaiClient("http://civitai.test", TOKEN, retry=FAST, transport=transport)
+    response = run_get(client)
+    assert response.status == 307 and "httpx" in {r.name for r in caplog.records}
+    assert TOKEN not in caplog.text
+    logging.getLogger("httpx").info(f"after the session: {TOKEN}")  # the filter is gone again
+    assert TOKEN in caplog.text

@@ -2,25 +2,32 @@
 
 Two stdlib servers run on 127.0.0.1: the "API" (``/api/download/models/{id}`` answers 307 to
 the "CDN", with a token check) and the "CDN" (signed file URLs and image URLs). Nothing here
-depends on the project's fake Civitai server.
+depends on the project's fake Civitai server. A few faults a real server cannot stage on
+demand (a reset in the middle of a body) use an httpx mock transport instead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import logging
 import pickle
 import re
 import threading
+import time
+import traceback
 import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
+import httpx
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,20 +35,24 @@ import pytest
 from PIL import Image
 
 from ml import lora_format as lf
-from pipelines.sample.generator import SampleSpec, SampleSummary, generate_sample
-from warehouse.lake import Lake
-from warehouse.media import (
-    STATUS_FAILED,
-    STATUS_OK,
-    STATUS_REFUSED,
-    MediaStore,
+from pipelines.civitai.client import CivitaiClient
+from pipelines.civitai.downloads import (
+    MAX_REDIRECTS,
+    DownloadError,
+    content_disposition_filename,
     download_images,
     download_loras,
     image_url_map,
+    safe_file_name,
 )
+from pipelines.civitai.http import USER_AGENT, RetryPolicy
+from pipelines.sample.generator import SampleSpec, SampleSummary, generate_sample
+from warehouse.lake import Lake
+from warehouse.media import STATUS_FAILED, STATUS_OK, STATUS_REFUSED, MediaStore
 
 TOKEN = "tok-SECRET-0123456789"
 IMAGE_HOST = "https://image.civitai.com"
+FAST = RetryPolicy.fast(attempts=3)
 API_HOST = "https://civitai.com"
 
 
@@ -51,7 +62,9 @@ class Route:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     chunked: bool = False  # no Content-Length: the body ends when the connection closes
-    fail_first: int = 0  # answer 503 this many times first
+    fail_first: int = 0  # answer 503 (with `retry_after`) this many times first
+    retry_after: str = "0"
+    cut_first: int = 0  # this many times first: full Content-Length, half the body, close
 
 
 @dataclass
@@ -98,8 +111,18 @@ def _handler(served: Served, server_name: str) -> type[BaseHTTPRequestHandler]:
                 route = served.routes.get(path)
                 if route is not None and route.fail_first > 0:
                     route.fail_first -= 1
-                    self._send(Route(503, b"busy", {"Retry-After": "0"}))
+                    self._send(Route(503, b"busy", {"Retry-After": route.retry_after}))
                     return
+                cut = route is not None and route.cut_first > 0
+                if cut:
+                    route.cut_first -= 1
+            if cut:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(route.body)))
+                self.end_headers()
+                self.wfile.write(route.body[: len(route.body) // 2])
+                self.close_connection = True  # the peer sees the body end early
+                return
             if route is not None:
                 self._send(route)
             elif m := re.fullmatch(r"/api/download/models/(\d+)", path):
@@ -187,6 +210,7 @@ def test_images_are_verified_resized_and_stored(
     table = report.table.to_pylist()
     assert [r["imageId"] for r in table] == ids  # one row per distinct image, input order
     assert report.downloaded == len(ids) and report.failed == 0 and report.quarantine.num_rows == 0
+    assert report.http["requests"] == len(ids) and report.http["retries"] == 0
     urls = {r["imageId"]: r["url"] for r in rows}
     for row in table:
         assert row["status"] == STATUS_OK and row["reason"] is None
@@ -227,7 +251,9 @@ def test_bad_images_are_quarantined_with_reasons(
     rows = [(i, f"{IMAGE_HOST}/key/uuid-{i}/width=512/{i}.jpeg") for i in cases]
     rows.append((8, "file:///etc/passwd"))
     rows.append((9, None))
-    report = download_images(rows, store, image_url_map(cdn), concurrency=3, retries=0)
+    report = download_images(
+        rows, store, image_url_map(cdn), concurrency=3, retry=RetryPolicy.fast(1)
+    )
     by_id = {r["imageId"]: r for r in report.table.to_pylist()}
     assert set(by_id) == set(range(1, 10))  # nothing dropped
     expected = {
@@ -245,10 +271,15 @@ def test_bad_images_are_quarantined_with_reasons(
         assert reason in by_id[image_id]["reason"], (image_id, by_id[image_id]["reason"])
         assert by_id[image_id]["path"] is None
     assert by_id[7]["status"] == STATUS_OK
-    quarantine = {r["imageId"]: r for r in report.quarantine.to_pylist()}
-    assert set(quarantine) == set(expected)
-    assert all(q["reason"] == by_id[i]["reason"] for i, q in quarantine.items())
+    quarantine = {r["record_key"]: r for r in report.quarantine.to_pylist()}
+    assert set(quarantine) == {f"imageId={i}" for i in expected}
+    for image_id in expected:
+        q = quarantine[f"imageId={image_id}"]
+        assert (q["source"], q["step"], q["table_name"]) == ("media", "image_files", "images")
+        assert q["reason"] == by_id[image_id]["reason"] and q["detail"] == by_id[image_id]["url"]
+        assert q["quarantined_at"] is not None
     assert report.failed == len(expected) and report.downloaded == 1
+    assert len(served.seen("cdn", "/1.jpeg$")) == 1  # a 404 is not retried
     assert len(_stored_files(store)) == 1
 
 
@@ -264,7 +295,7 @@ def test_image_downloads_resume_and_retry_transient_errors(
     served.routes[flaky] = Route(
         body=served.images[ids[1]], headers={"Content-Type": "image/jpeg"}, fail_first=2
     )
-    first = download_images(rows, store, image_url_map(cdn), concurrency=2, backoff=0.01)
+    first = download_images(rows, store, image_url_map(cdn), concurrency=2, retry=FAST)
     assert first.downloaded == len(ids) - 1 and first.failed == 1  # ids[0]: 404
     assert {r["imageId"]: r["status"] for r in first.table.to_pylist()}[ids[1]] == STATUS_OK
     assert len(served.seen("cdn", re.escape(flaky))) == 3  # two 503s, then the image
@@ -329,14 +360,19 @@ def test_loras_are_downloaded_verified_and_pickles_refused_unrequested(
             assert not served.seen("api", f"/models/{row['modelVersionId']}$")  # never asked
             continue
         assert got["status"] == STATUS_OK, got
-        assert got["sha256"] == row["hashSHA256"].lower()
+        assert got["sha256"] == row["hashSHA256"].lower() and got["sha256_verified"] is True
         assert got["file_name"] == row["fileName"]
         data = Path(got["path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == got["sha256"] and len(data) == got["bytes"]
         loaded = lf.load_lora(data, modules=lf.sd15_modules(lf.SAMPLE_WIDTHS))
         assert got["n_tensors"] == 3 * len(loaded.layers)
     assert report.downloaded == len(rows) - len(pickles) and report.failed == 0
+    assert report.unverified == 0
     assert report.quarantine.num_rows == len(pickles)
+    assert set(report.quarantine.column("step").to_pylist()) == {"lora_files"}
+    assert set(report.quarantine.column("reason").to_pylist()) == {
+        "refused: declared format PickleTensor"
+    }
     # the token went to the API only, never to the signed-URL host
     assert all(h.get("Authorization") == f"Bearer {TOKEN}" for h in served.seen("api", "/api/"))
     assert not any("Authorization" in h for h in served.seen("cdn", "/files/"))
@@ -427,7 +463,9 @@ def test_disguised_pickles_wrong_hashes_and_oversized_files_are_quarantined(
     # the token is nowhere: tables (urls had ?token=), quarantine, logs
     text = str(report.table.to_pylist()) + str(report.quarantine.to_pylist()) + caplog.text
     assert TOKEN not in text
-    assert all("token=" not in u for u in report.quarantine.column("url").to_pylist())
+    details = report.quarantine.column("detail").to_pylist()
+    assert len(details) == len(cases) and all(d.startswith(API_HOST) for d in details)
+    assert not any("token=" in d for d in details)
 
 
 def test_traversal_names_are_neutralised(
@@ -471,24 +509,28 @@ def test_traversal_names_are_neutralised(
     assert not Path("/tmp/evil.safetensors").exists()
 
 
-def test_lora_downloads_resume_and_bad_tokens_fail(
+def test_lora_downloads_resume_and_lost_or_corrupt_objects_are_fetched_again(
     sample: SampleSummary, servers: tuple[Served, str, str], store: MediaStore
 ) -> None:
     served, api, _ = servers
     rows = [r for r in _primary_rows(sample) if r["format"] == "SafeTensor"][:6]
     _serve_files(served, sample, rows)
-    denied = download_loras(rows, store, base_url=api, token="wrong-token")
-    assert set(denied.table.column("reason").to_pylist()) == {"http 401"}
-    assert "wrong-token" not in str(denied.quarantine.to_pylist())
-    first = download_loras(rows, store, base_url=api, token=TOKEN, existing=denied.table)
-    assert first.downloaded == len(rows) and first.skipped == 0  # failures are retried
+    first = download_loras(rows, store, base_url=api, token=TOKEN)
+    assert first.downloaded == len(rows) and first.skipped == 0
     served.requests.clear()
     second = download_loras(rows, store, base_url=api, token=TOKEN, existing=first.table)
     assert second.downloaded == 0 and second.skipped == len(rows) and not served.requests
     assert second.table.equals(first.table)
-    Path(first.table.column("path")[0].as_py()).unlink()  # a lost object is fetched again
+    paths = first.table.column("path").to_pylist()
+    Path(paths[0]).unlink()  # a lost object is fetched again
+    corrupt = Path(paths[1])
+    corrupt.write_bytes(corrupt.read_bytes()[:-1] + b"\x00")  # same size, wrong bytes
     third = download_loras(rows, store, base_url=api, token=TOKEN, existing=second.table)
-    assert third.downloaded == 1 and third.skipped == len(rows) - 1
+    assert (third.downloaded, third.skipped, third.lost, third.corrupt) == (2, len(rows) - 2, 1, 1)
+    assert len(served.seen("api", "/api/download/models/")) == 2
+    for path, sha in zip(paths[:2], first.table.column("sha256").to_pylist()[:2], strict=True):
+        assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == sha  # restored
+    assert third.table.equals(first.table)
 
 
 def test_rows_may_be_an_arrow_table_or_tuples(
@@ -504,3 +546,436 @@ def test_rows_may_be_an_arrow_table_or_tuples(
     with pytest.raises(ValueError, match="columns"):
         download_loras([(1, 2)], store, base_url=api)
     assert np.all(np.array(from_tuples.table.column("n_tensors").to_pylist()) > 0)
+
+
+# --- names (moved with the downloader) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "safe"),
+    [
+        ("../../etc/passwd", "passwd"),
+        ("/etc/shadow.safetensors", "shadow.safetensors"),
+        ("..\\..\\windows\\evil.safetensors", "evil.safetensors"),
+        ("C:\\models\\x.safetensors", "x.safetensors"),
+        ("a\x00b.safetensors", "ab.safetensors"),
+        ("..", "fallback.safetensors"),
+        ("...hidden.safetensors", "hidden.safetensors"),
+        ("", "fallback.safetensors"),
+        (
+            "na\u0308me with spaces;$.safetensors",
+            "näme with spaces__.safetensors".replace("ä", "_"),
+        ),
+        ("x" * 300 + ".safetensors", "x" * 188 + ".safetensors"),
+    ],
+)
+def test_file_names_are_reduced_to_safe_base_names(raw: str, safe: str) -> None:
+    assert safe_file_name(raw, "fallback.safetensors") == safe
+
+
+def test_content_disposition_names_are_parsed() -> None:
+    assert (
+        content_disposition_filename('attachment; filename="a b.safetensors"') == "a b.safetensors"
+    )
+    assert content_disposition_filename("attachment; filename=plain.ckpt") == "plain.ckpt"
+    assert (
+        content_disposition_filename("attachment; filename=\"x\"; filename*=UTF-8''%2E%2E%2Fy.pt")
+        == "../y.pt"
+    )
+    assert content_disposition_filename("inline") is None
+    assert content_disposition_filename(None) is None
+
+
+# --- sad paths of the one HTTP stack -------------------------------------------------------------
+
+
+def _jpeg(sample: SampleSummary) -> tuple[int, bytes]:
+    image_id = _image_rows(sample)[0]["imageId"]
+    return image_id, (sample.out / f"media/images/{image_id}.jpeg").read_bytes()
+
+
+def _lora(sample: SampleSummary) -> tuple[dict, bytes]:
+    good = next(r for r in _primary_rows(sample) if r["format"] == "SafeTensor")
+    return good, (sample.out / "media/loras" / good["fileName"]).read_bytes()
+
+
+def _lora_row(version: int, data: bytes | None, **overrides: object) -> dict:
+    row = {
+        "modelVersionId": version,
+        "fileId": version * 10,
+        "fileName": f"f{version}.safetensors",
+        "format": "SafeTensor",
+        "hashSHA256": hashlib.sha256(data).hexdigest() if data is not None else None,
+        "downloadUrl": f"{API_HOST}/api/download/models/{version}",
+    }
+    return row | overrides
+
+
+def _recorder() -> tuple[list[float], object]:
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    return waits, sleep
+
+
+def test_redirect_loops_and_chains_end_without_retries(
+    servers: tuple[Served, str, str], store: MediaStore
+) -> None:
+    served, _, cdn = servers
+    served.routes["/loop/a"] = Route(302, headers={"Location": "/loop/b"})
+    served.routes["/loop/b"] = Route(302, headers={"Location": f"{cdn}/loop/a"})
+    for i in range(10):
+        served.routes[f"/chain/{i}"] = Route(302, headers={"Location": f"/chain/{i + 1}"})
+    rows = [(1, f"{IMAGE_HOST}/loop/a"), (2, f"{IMAGE_HOST}/chain/0")]
+    report = download_images(rows, store, image_url_map(cdn), retry=FAST)
+    by_id = {r["imageId"]: r for r in report.table.to_pylist()}
+    assert by_id[1]["status"] == STATUS_FAILED and by_id[1]["reason"] == "redirect loop"
+    assert by_id[2]["status"] == STATUS_FAILED and "too many redirects" in by_id[2]["reason"]
+    assert len(served.seen("cdn", "^/loop/")) == 2  # a, b; back to a is recognised, not sent
+    assert len(served.seen("cdn", "^/chain/")) == MAX_REDIRECTS + 1
+    assert report.http["retries"] == 0 and report.quarantine.num_rows == 2
+    assert _stored_files(store) == []
+
+
+def test_a_redirect_to_file_is_refused_and_never_followed(
+    sample: SampleSummary,
+    servers: tuple[Served, str, str],
+    store: MediaStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    served, api, cdn = servers
+    secret = tmp_path / "secret.safetensors"
+    _, data = _lora(sample)
+    secret.write_bytes(data)  # a valid file the redirect points at: it must not be read
+    opened: list[str] = []
+    real_open = open
+
+    def spy_open(file, *args, **kwargs):  # noqa: ANN001, ANN202 - builtins.open's signature
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", spy_open)
+    served.routes["/to-file"] = Route(302, headers={"Location": f"file://{secret}"})
+    served.routes["/api/download/models/301"] = Route(307, headers={"Location": f"FILE://{secret}"})
+    images = download_images([(1, f"{IMAGE_HOST}/to-file")], store, image_url_map(cdn))
+    loras = download_loras([_lora_row(301, data)], store, base_url=api, token=TOKEN)
+    for report in (images, loras):
+        (row,) = report.table.to_pylist()
+        assert row["status"] == STATUS_REFUSED and row["path"] is None
+        assert row["reason"] == "refused: redirect to a 'file' url"
+        assert report.refused == 1 and report.http["requests"] == 1
+        assert report.quarantine.column("reason").to_pylist() == [row["reason"]]
+    assert str(secret) not in opened
+    assert _stored_files(store) == []
+
+
+def test_a_body_cut_short_is_retried_then_succeeds(
+    sample: SampleSummary, servers: tuple[Served, str, str], store: MediaStore
+) -> None:
+    served, _, cdn = servers
+    image_id, jpeg = _jpeg(sample)
+    served.routes["/cut/1.jpeg"] = Route(body=jpeg, cut_first=1)
+    report = download_images([(image_id, f"{IMAGE_HOST}/cut/1.jpeg")], store, image_url_map(cdn))
+    (row,) = report.table.to_pylist()
+    assert row["status"] == STATUS_OK, row
+    assert Path(row["path"]).read_bytes() == jpeg  # the whole body, not the half first sent
+    assert len(served.seen("cdn", "^/cut/")) == 2 and report.http["retries"] == 1
+
+
+class _ResetMidBody(httpx.AsyncByteStream):
+    """Yields the first part of a body, then the connection is reset."""
+
+    def __init__(self, head: bytes) -> None:
+        self.head = head
+
+    async def __aiter__(self):  # noqa: ANN204 - an async generator
+        yield self.head
+        raise httpx.ReadError("[Errno 104] Connection reset by peer")
+
+
+def _mock_api(
+    files: dict[int, bytes], resets: dict[int, int], seen: list[str]
+) -> httpx.MockTransport:
+    """API at http://api.test (307 to http://cdn.test); cdn resets a file mid-body
+    ``resets[version]`` times before serving it whole."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        version = int(request.url.path.rsplit("/", 1)[-1])
+        if request.url.host == "api.test":
+            return httpx.Response(307, headers={"Location": f"http://cdn.test/files/{version}"})
+        body = files[version]
+        headers = {"Content-Length": str(len(body))}
+        if resets.get(version, 0) > 0:
+            resets[version] -= 1
+            return httpx.Response(200, headers=headers, stream=_ResetMidBody(body[:100]))
+        return httpx.Response(200, headers=headers, content=body)
+
+    return httpx.MockTransport(handler)
+
+
+def test_a_reset_mid_body_is_retried_quarantined_when_it_persists_and_resumed(
+    sample: SampleSummary, store: MediaStore, tmp_path: Path
+) -> None:
+    _, data = _lora(sample)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    rows = [_lora_row(1, data), _lora_row(2, data)]
+    seen: list[str] = []
+    resets = {1: 1, 2: 99}  # 1: one reset then fine; 2: resets on every attempt
+    transport = _mock_api({1: data, 2: data}, resets, seen)
+    first = download_loras(
+        rows,
+        store,
+        base_url="http://api.test",
+        retry=RetryPolicy.fast(3),
+        transport=transport,
+        spool_dir=str(spool),
+    )
+    got = {r["modelVersionId"]: r for r in first.table.to_pylist()}
+    assert got[1]["status"] == STATUS_OK and got[1]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert got[2]["status"] == STATUS_FAILED and got[2]["path"] is None
+    assert got[2]["reason"].startswith("connection error: gave up after 3 attempts")
+    assert got[2]["reason"].endswith("(ReadError while reading the body)")
+    assert "cdn.test" not in got[2]["reason"]  # no (signed) URL in the table
+    assert first.quarantine.column("record_key").to_pylist() == ["modelVersionId=2/fileId=20"]
+    assert sum("cdn.test/files/2" in u for u in seen) == 3
+    assert list(spool.iterdir()) == []  # no partial spool left behind
+    resets[2] = 0  # the network recovers: the next run fetches only what failed
+    seen.clear()
+    second = download_loras(
+        rows,
+        store,
+        base_url="http://api.test",
+        retry=RetryPolicy.fast(3),
+        transport=transport,
+        spool_dir=str(spool),
+        existing=first.table,
+    )
+    assert (second.downloaded, second.skipped, second.failed) == (1, 1, 0)
+    assert seen == ["http://api.test/api/download/models/2", "http://cdn.test/files/2"]
+
+
+def test_retries_exhausted_are_quarantined_then_resumed_on_the_next_run(
+    sample: SampleSummary, servers: tuple[Served, str, str], store: MediaStore
+) -> None:
+    served, _, cdn = servers
+    image_id, jpeg = _jpeg(sample)
+    served.routes["/busy/1.jpeg"] = Route(body=jpeg, fail_first=3)
+    rows = [(image_id, f"{IMAGE_HOST}/busy/1.jpeg")]
+    first = download_images(rows, store, image_url_map(cdn), retry=RetryPolicy.fast(2))
+    (row,) = first.table.to_pylist()
+    assert row["status"] == STATUS_FAILED
+    assert row["reason"].startswith("http 503: gave up after 2 attempts")
+    assert first.reasons == {"http 503": 1} and first.quarantine.num_rows == 1
+    second = download_images(
+        rows, store, image_url_map(cdn), retry=RetryPolicy.fast(2), existing=first.table
+    )
+    assert (second.downloaded, second.failed) == (1, 0)  # one more 503, then the image
+    assert len(served.seen("cdn", "^/busy/")) == 4
+    assert second.table.column("status").to_pylist() == [STATUS_OK]
+
+
+def test_retry_after_as_an_http_date_is_honoured(
+    sample: SampleSummary, servers: tuple[Served, str, str], store: MediaStore
+) -> None:
+    served, _, cdn = servers
+    image_id, jpeg = _jpeg(sample)
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    served.routes["/later/1.jpeg"] = Route(body=jpeg, fail_first=1, retry_after=later)
+    waits, sleep = _recorder()
+    policy = RetryPolicy(attempts=3, initial=0.01, maximum=0.05, jitter=0.0, max_retry_after=60)
+    report = download_images(
+        [(image_id, f"{IMAGE_HOST}/later/1.jpeg")],
+        store,
+        image_url_map(cdn),
+        retry=policy,
+        sleep=sleep,
+    )
+    assert report.table.column("status").to_pylist() == [STATUS_OK]
+    assert len(waits) == 1 and 20.0 <= waits[0] <= 30.0  # the date, not the 0.01 s backoff
+
+
+def test_retry_after_beyond_the_cap_is_capped(
+    sample: SampleSummary, servers: tuple[Served, str, str], store: MediaStore
+) -> None:
+    served, api, _ = servers
+    good, data = _lora(sample)
+    served.routes["/api/download/models/401"] = Route(429, b"slow down", {"Retry-After": "3600"})
+    waits, sleep = _recorder()
+    policy = RetryPolicy(attempts=3, initial=0.01, maximum=0.05, jitter=0.0, max_retry_after=1.5)
+    report = download_loras(
+        [_lora_row(401, data)], store, base_url=api, token=TOKEN, retry=policy, sleep=sleep
+    )
+    assert waits == [1.5, 1.5]  # an hour asked, the cap granted, twice
+    assert (
+        report.table.column("reason")
+        .to_pylist()[0]
+        .startswith("http 429: gave up after 3 attempts")
+    )
+    assert report.http["seconds_waiting"] == 3.0
+
+
+def test_a_release_row_without_sha256_is_stored_unverified_and_counted(
+    sample: SampleSummary, servers: tuple[Served, str, str], store: MediaStore
+) -> None:
+    served, api, _ = servers
+    good, data = _lora(sample)
+    served.files[501] = Route(body=data)
+    served.files[502] = Route(body=data)
+    rows = [_lora_row(501, data, hashSHA256=None), _lora_row(502, data, hashSHA256="  ")]
+    rows.append(_lora_row(503, data))
+    served.files[503] = Route(body=data)
+    first = download_loras(rows, store, base_url=api, token=TOKEN)
+    got = {r["modelVersionId"]: r for r in first.table.to_pylist()}
+    digest = hashlib.sha256(data).hexdigest()
+    assert [got[v]["sha256_verified"] for v in (501, 502, 503)] == [False, False, True]
+    assert all(got[v]["status"] == STATUS_OK and got[v]["sha256"] == digest for v in got)
+    assert first.unverified == 2 and first.failed == 0 and first.quarantine.num_rows == 0
+    # A later release brings hashes: the right one verifies the stored file without a
+    # request, a wrong one sends the file back through the check (and fails it).
+    served.requests.clear()
+    later = [_lora_row(501, data), _lora_row(502, data, hashSHA256="0" * 64), rows[2]]
+    second = download_loras(later, store, base_url=api, token=TOKEN, existing=first.table)
+    got = {r["modelVersionId"]: r for r in second.table.to_pylist()}
+    assert got[501]["status"] == STATUS_OK and got[501]["sha256_verified"] is True
+    assert got[502]["status"] == STATUS_FAILED and "sha256 mismatch" in got[502]["reason"]
+    assert (second.skipped, second.unverified) == (2, 0)
+    assert [p for p in (r[1] for r in served.requests) if "/models/" in p] == [
+        "/api/download/models/502"
+    ]
+
+
+def test_a_corrupted_image_in_the_store_is_downloaded_again(
+    sample: SampleSummary, servers: tuple[Served, str, str], store: MediaStore
+) -> None:
+    served, _, cdn = servers
+    rows = _image_rows(sample)[:5]
+    ids = sorted({r["imageId"] for r in rows})
+    for image_id in ids:
+        served.images[image_id] = (sample.out / f"media/images/{image_id}.jpeg").read_bytes()
+    first = download_images(rows, store, image_url_map(cdn))
+    victim = first.table.to_pylist()[2]
+    Path(victim["path"]).write_bytes(b"\xff\xd8 not the stored image")
+    served.requests.clear()
+    second = download_images(rows, store, image_url_map(cdn), existing=first.table)
+    assert (second.corrupt, second.downloaded, second.skipped) == (1, 1, len(ids) - 1)
+    assert [p for _, p, _ in served.requests] == [urlsplit(victim["url"]).path]
+    assert hashlib.sha256(Path(victim["path"]).read_bytes()).hexdigest() == victim["sha256"]
+    assert second.table.equals(first.table)
+
+
+def test_401_stops_api_requests_403_fails_one_file_and_both_resume(
+    sample: SampleSummary, servers: tuple[Served, str, str], store: MediaStore
+) -> None:
+    served, api, _ = servers
+    rows = [r for r in _primary_rows(sample) if r["format"] == "SafeTensor"][:5]
+    _serve_files(served, sample, rows)
+    for token in ("wrong-token", None):
+        served.requests.clear()
+        denied = download_loras(rows, store, base_url=api, token=token, concurrency=1)
+        reasons = denied.table.column("reason").to_pylist()
+        assert denied.reasons == {"http 401": len(rows)}, reasons
+        assert reasons[0] == "http 401: unauthorized (API token missing or refused)"
+        assert all("not requested after an earlier 401" in r for r in reasons[1:])
+        assert len(served.seen("api", "/api/download/")) == 1  # one request, not one per file
+        assert denied.http["retries"] == 0
+        assert "wrong-token" not in str(denied.quarantine.to_pylist())
+    forbidden = rows[0]["modelVersionId"]
+    served.files[forbidden] = Route(403, b"early access")
+    served.requests.clear()
+    first = download_loras(rows, store, base_url=api, token=TOKEN, existing=denied.table)
+    got = {r["modelVersionId"]: r for r in first.table.to_pylist()}
+    assert got[forbidden]["reason"] == "http 403: forbidden"
+    assert len(served.seen("cdn", f"^/files/{forbidden}/")) == 1  # never retried
+    assert first.downloaded == len(rows) - 1 and first.failed == 1
+    _serve_files(served, sample, rows[:1])
+    second = download_loras(rows, store, base_url=api, token=TOKEN, existing=first.table)
+    assert (second.downloaded, second.skipped, second.failed) == (1, len(rows) - 1, 0)
+
+
+def test_the_user_agent_is_the_same_for_api_and_downloads(
+    sample: SampleSummary, servers: tuple[Served, str, str], store: MediaStore
+) -> None:
+    served, api, cdn = servers
+    image_id, jpeg = _jpeg(sample)
+    served.images[image_id] = jpeg
+    good, data = _lora(sample)
+    served.files[601] = Route(body=data)
+    download_images(
+        [(image_id, f"{IMAGE_HOST}/k/u/width=512/{image_id}.jpeg")], store, image_url_map(cdn)
+    )
+    download_loras([_lora_row(601, data)], store, base_url=api, token=TOKEN)
+
+    async def crawl() -> None:
+        async with CivitaiClient(api, TOKEN, retry=FAST) as client:
+            await client.get("/api/v1/models", {"limit": 1})
+
+    asyncio.run(crawl())
+    agents = {(server, h.get("User-Agent")) for server, _, h in served.requests}
+    assert agents == {("api", USER_AGENT), ("cdn", USER_AGENT)}
+    assert len(served.seen("api", "^/api/v1/models")) == 1  # the client's request was seen
+
+
+def test_the_token_never_appears_in_rows_quarantine_logs_or_exceptions(
+    sample: SampleSummary,
+    servers: tuple[Served, str, str],
+    store: MediaStore,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    served, api, cdn = servers
+    caplog.set_level(logging.DEBUG)
+    _, data = _lora(sample)
+    # servers echo the token: in a redirect's query, in an error body, in a refused target
+    served.routes["/api/download/models/701"] = Route(
+        307, headers={"Location": f"{cdn}/echo?token={TOKEN}&sig=1"}
+    )
+    served.routes["/echo"] = Route(500, f"bad token {TOKEN}".encode(), {"Retry-After": "0"})
+    served.routes["/api/download/models/702"] = Route(
+        307, headers={"Location": f"ftp://x/{TOKEN}?api_key={TOKEN}"}
+    )
+    served.files[703] = Route(body=data)
+    rows = [
+        _lora_row(v, data, downloadUrl=f"{API_HOST}/api/download/models/{v}?token={TOKEN}")
+        for v in (701, 702, 703)
+    ]
+    report = download_loras(rows, store, base_url=api, token=TOKEN, retry=RetryPolicy.fast(2))
+    statuses = report.table.column("status").to_pylist()
+    assert statuses == [STATUS_FAILED, STATUS_REFUSED, STATUS_OK]
+    texts = [str(report.table.to_pylist()), str(report.quarantine.to_pylist()), caplog.text]
+    assert "retry 1/2" in caplog.text  # the retry of 701 was logged, scrubbed
+
+    # an unexpected error (here: the store fails) stops the run with a scrubbed message
+    def broken_put(*args: object, **kwargs: object) -> None:
+        raise OSError(f"disk full while writing {api}/x?token={TOKEN} (Bearer {TOKEN})")
+
+    monkeypatch.setattr(MediaStore, "put_file", broken_put)
+    with pytest.raises(DownloadError) as info:
+        download_loras(rows[2:], store, base_url=api, token=TOKEN, existing=None)
+    texts += [str(info.value), "".join(traceback.format_exception(info.value)), caplog.text]
+    assert "disk full" in str(info.value)
+    for text in texts:
+        assert TOKEN not in text
+    # the token went only to the API origin, in the header
+    assert all(h.get("Authorization") == f"Bearer {TOKEN}" for h in served.seen("api", "/api/"))
+    assert not any("Authorization" in h for _, _, h in served.requests if _ == "cdn")
+
+
+def test_downloads_keep_to_the_rate_limit(
+    sample: SampleSummary, servers: tuple[Served, str, str], store: MediaStore
+) -> None:
+    served, _, cdn = servers
+    rows = _image_rows(sample)[:10]
+    ids = sorted({r["imageId"] for r in rows})
+    for image_id in ids:
+        served.images[image_id] = (sample.out / f"media/images/{image_id}.jpeg").read_bytes()
+    started = time.monotonic()
+    report = download_images(rows, store, image_url_map(cdn), concurrency=8, rate_limit=20)
+    elapsed = time.monotonic() - started
+    assert report.downloaded == len(ids) and report.http["requests"] == len(ids)
+    # 20 requests/s with a burst of 2: at least (n - 2) / 20 s, however many workers
+    assert elapsed >= (len(ids) - 2) / 20

@@ -1,4 +1,5 @@
-"""The content-addressed media store: layout, idempotence, atomic writes, remote filesystems."""
+"""The content-addressed media store: layout, idempotence, atomic writes, corrupted objects,
+remote filesystems."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from pathlib import Path
 import fsspec
 import pytest
 
+from warehouse import files
 from warehouse.lake import Lake
-from warehouse.media import MediaStore, content_disposition_filename, safe_file_name, strip_token
+from warehouse.media import MediaStore
 
 
 def test_objects_live_under_their_digest(tmp_path: Path) -> None:
@@ -75,47 +77,66 @@ def test_store_works_on_a_remote_filesystem() -> None:
     fsspec.filesystem("memory").rm(root.removeprefix("memory://"), recursive=True)
 
 
-@pytest.mark.parametrize(
-    ("raw", "safe"),
-    [
-        ("../../etc/passwd", "passwd"),
-        ("/etc/shadow.safetensors", "shadow.safetensors"),
-        ("..\\..\\windows\\evil.safetensors", "evil.safetensors"),
-        ("C:\\models\\x.safetensors", "x.safetensors"),
-        ("a\x00b.safetensors", "ab.safetensors"),
-        ("..", "fallback.safetensors"),
-        ("...hidden.safetensors", "hidden.safetensors"),
-        ("", "fallback.safetensors"),
-        (
-            "na\u0308me with spaces;$.safetensors",
-            "näme with spaces__.safetensors".replace("ä", "_"),
-        ),
-        ("x" * 300 + ".safetensors", "x" * 188 + ".safetensors"),
-    ],
-)
-def test_file_names_are_reduced_to_safe_base_names(raw: str, safe: str) -> None:
-    assert safe_file_name(raw, "fallback.safetensors") == safe
+def test_check_tells_intact_missing_and_corrupt_objects_apart(tmp_path: Path) -> None:
+    store = MediaStore(Lake(str(tmp_path)))
+    stored = store.put_bytes(b"some image bytes", ".jpeg")
+    assert store.check(stored.path, stored.sha256) == "intact"
+    assert store.check(stored.path, stored.sha256.upper()) == "intact"
+    assert store.digest(stored.path) == stored.sha256
+    Path(stored.path).write_bytes(b"some image bytez")  # same size, one byte flipped
+    assert store.check(stored.path, stored.sha256) == "corrupt"
+    Path(stored.path).unlink()
+    assert store.check(stored.path, stored.sha256) == "missing"
 
 
-def test_content_disposition_names_are_parsed() -> None:
-    assert (
-        content_disposition_filename('attachment; filename="a b.safetensors"') == "a b.safetensors"
-    )
-    assert content_disposition_filename("attachment; filename=plain.ckpt") == "plain.ckpt"
-    assert (
-        content_disposition_filename("attachment; filename=\"x\"; filename*=UTF-8''%2E%2E%2Fy.pt")
-        == "../y.pt"
-    )
-    assert content_disposition_filename("inline") is None
-    assert content_disposition_filename(None) is None
+def test_a_corrupted_object_is_replaced_by_the_next_put(tmp_path: Path) -> None:
+    store = MediaStore(Lake(str(tmp_path / "lake")))
+    data = b"weights" * 500
+    stored = store.put_bytes(data, ".safetensors")
+    Path(stored.path).write_bytes(b"garbage")
+    again = store.put_bytes(data, ".safetensors")
+    assert again.created and Path(stored.path).read_bytes() == data
+    Path(stored.path).write_bytes(b"garbage")
+    spool = tmp_path / "spool"
+    spool.write_bytes(data)
+    via_file = store.put_file(spool, stored.sha256, ".safetensors")
+    assert via_file.created and Path(stored.path).read_bytes() == data
+    assert spool.read_bytes() == data  # the caller's file is left alone
 
 
-def test_tokens_are_stripped_from_urls() -> None:
-    assert (
-        strip_token("https://x/api/download/models/1?token=SECRET")
-        == "https://x/api/download/models/1"
-    )
-    assert strip_token("https://x/y?type=Model&token=SECRET&format=SafeTensor") == (
-        "https://x/y?type=Model&format=SafeTensor"
-    )
-    assert strip_token(None) is None
+def test_writes_go_through_the_atomic_helper(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = MediaStore(Lake(str(tmp_path / "lake")))
+    synced: list[str] = []
+    real_fsync_dir = files.fsync_dir
+
+    def spy(folder: str) -> None:
+        synced.append(folder)
+        real_fsync_dir(folder)
+
+    monkeypatch.setattr(files, "fsync_dir", spy)
+    stored = store.put_bytes(b"durable", ".png")
+    spool = tmp_path / "spool"
+    spool.write_bytes(b"durable too")
+    copied = store.put_file(spool, hashlib.sha256(b"durable too").hexdigest(), ".png")
+    assert synced == [os.path.dirname(stored.path), os.path.dirname(copied.path)]
+
+
+def test_a_failed_write_leaves_neither_an_object_nor_a_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = MediaStore(Lake(str(tmp_path / "lake")))
+    spool = tmp_path / "spool"
+    spool.write_bytes(b"x" * 10_000)
+    digest = hashlib.sha256(spool.read_bytes()).hexdigest()
+
+    def torn_copy(src: object, dst: str) -> None:
+        Path(dst).write_bytes(b"x" * 10)  # a partial copy, then the disk fails
+        raise OSError("disk full")
+
+    monkeypatch.setattr("warehouse.media.shutil.copyfile", torn_copy)
+    with pytest.raises(OSError, match="disk full"):
+        store.put_file(spool, digest, ".safetensors")
+    assert not store.exists(store.path_for(digest, ".safetensors"))
+    assert [p for p in (tmp_path / "lake").rglob("*") if p.is_file()] == []
