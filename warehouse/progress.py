@@ -1,19 +1,21 @@
-"""Progress lines (count, rate, ETA) for long loops, through any logger (Dagster's included)."""
+"""Progress lines (count, rate, ETA) for long loops, through a logger.
+
+Every function of this project that logs takes a ``logging.Logger`` (Dagster's ``context.log``
+is one); none takes ``Any``.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Protocol
-
-
-class _Logger(Protocol):
-    def info(self, msg: str, *args: object) -> None: ...
 
 
 class Progress:
     """Logs ``label: done/total (pct), rate/s, ETA`` at most every ``every_s`` seconds."""
 
-    def __init__(self, label: str, total: int | None, log: _Logger, every_s: float = 5.0) -> None:
+    def __init__(
+        self, label: str, total: int | None, log: logging.Logger, every_s: float = 5.0
+    ) -> None:
         self.label = label
         self.total = total
         self.log = log

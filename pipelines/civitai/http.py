@@ -289,7 +289,7 @@ class HttpSession:
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
         max_connections: int = 16,
-        logger: logging.Logger | Any | None = None,
+        logger: logging.Logger | None = None,
         user_agent: str = USER_AGENT,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Sleep | None = None,
