@@ -7,6 +7,7 @@ import logging
 import sys
 import types
 
+import duckdb
 import numpy as np
 import pytest
 
@@ -114,6 +115,20 @@ def test_prefilter_passes_texts_that_lowercase_to_a_term(scorer, fallback):
     assert (scorer.score(plain) == 0).all()
 
 
+def test_prefilter_passes_only_candidate_texts(fallback):
+    texts = ["KİLL YOU", "\u212aILL YOU", "Kill You", "you IDIOT", "Kodak K-1230 skill", "a cat"]
+    con = duckdb.connect()
+    passed = [
+        r[0]
+        for r in con.execute(
+            f"SELECT {fallback.prefilter_sql('t')} FROM unnest($texts) WITH ORDINALITY u(t, i) "
+            "ORDER BY i",
+            {"texts": texts},
+        ).fetchall()
+    ]
+    assert passed == [True, True, True, True, False, False]
+
+
 def test_prefilter_terms_must_be_ascii():
     with pytest.raises(ValueError, match="ASCII"):
         prefilter_sql(["gore", "café"], "t")
@@ -184,11 +199,18 @@ def test_insults_threats_and_hate_are_flagged_tricky_words_are_not(fallback, sco
 
 
 def test_the_classifier_votes_only_on_gated_texts(fallback):
-    text = "(masterpiece:1.2), sumi-e, dragon in clouds, with wet ink bleeding"
-    lexicon, probability, gated = fallback.parts([text, INSULT])
-    assert probability[0] > fallback.calibration.threshold and not gated[0]
-    assert fallback.score([text])[0] == lexicon[0] == 0.0
-    assert gated[1] and fallback.score([INSULT])[0] > PAPER_THRESHOLD
+    texts = [
+        "(masterpiece:1.2), sumi-e, dragon in clouds, with wet ink bleeding",  # no lexicon term
+        "wet dog, knife",  # a mild lexicon term: passes the prefilter, scored by the lexicon
+        INSULT,
+    ]
+    lexicon, probability, gated = fallback.parts(texts)
+    assert (probability > fallback.calibration.threshold).all()
+    assert gated.tolist() == [False, False, True]
+    scores = fallback.score(texts)
+    assert scores[0] == lexicon[0] == 0.0
+    assert scores[1] == lexicon[1] == pytest.approx(fallback.lexicon.terms["knife"])
+    assert scores[2] > PAPER_THRESHOLD
 
 
 def test_classifier_probability_maps_its_threshold_onto_the_paper_threshold():
