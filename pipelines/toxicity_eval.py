@@ -63,7 +63,6 @@ PROBES = (
     "a cat on a sofa",
     "(masterpiece:1.2), sumi-e, dragon in clouds, with wet ink bleeding",
     "Ünïcödé Straße, 東京 at night, café",
-    "",
 )
 
 
@@ -143,15 +142,15 @@ def metrics(flagged: np.ndarray, toxic: np.ndarray) -> Metrics:
 
 
 def combined_scores(
-    cal: Calibration, lexicon: np.ndarray, probability: np.ndarray, mean_max: np.ndarray
+    cal: Calibration, lexicon: np.ndarray, probability: np.ndarray, max_weight: np.ndarray
 ) -> np.ndarray:
-    """The scorer's output under ``cal`` (numpy; the SQL is checked against it)."""
-    gated = mean_max >= cal.gate_weight
+    """The scorer's output under ``cal`` from its parts (numpy; the SQL is checked against it)."""
+    gated = max_weight >= cal.gate_weight
     return cal.combine(lexicon, np.where(gated, cal.classifier_score(probability), 0.0))
 
 
 def calibrate(
-    lexicon: np.ndarray, probability: np.ndarray, mean_max: np.ndarray, toxic: np.ndarray
+    lexicon: np.ndarray, probability: np.ndarray, max_weight: np.ndarray, toxic: np.ndarray
 ) -> tuple[Calibration, Metrics]:
     """The calibration with the best F1 on these texts (ties: precision, ``max``, the higher
     threshold, the higher gate)."""
@@ -160,28 +159,13 @@ def calibrate(
         for gate in GATE_WEIGHTS:
             for threshold in THRESHOLDS:
                 cal = Calibration(threshold, gate, combination)
-                flagged = combined_scores(cal, lexicon, probability, mean_max) > PAPER_THRESHOLD
+                flagged = combined_scores(cal, lexicon, probability, max_weight) > PAPER_THRESHOLD
                 m = metrics(flagged, toxic)
                 key = (m.f1, m.precision, combination == "max", threshold, gate)
                 if best is None or key > best[0]:
                     best = (key, cal, m)
     assert best is not None
     return best[1], best[2]
-
-
-def max_mean_weight(scorer: ModelLexiconScorer, texts: Sequence[str]) -> np.ndarray:
-    """Per text, the largest mean fold weight among its vocabulary tokens (−inf if none):
-    the text is gated at ``g`` exactly when this is ≥ g."""
-    import re
-
-    weight = dict(zip(scorer.model.terms, scorer.model.mean_weights, strict=True))
-    token = re.compile(r"(?u)\b\w\w+\b")
-    return np.array(
-        [
-            max((weight.get(t, -np.inf) for t in token.findall(x.lower())), default=-np.inf)
-            for x in texts
-        ]
-    )
 
 
 # -- the report -------------------------------------------------------------------------------
@@ -191,11 +175,10 @@ def evaluate(write: bool = False, out=sys.stdout) -> int:
     """Calibrate on the training part, report, and check (or ``write``) the bundled file."""
     data = load_labelled()
     bundled = ModelLexiconScorer.bundled()
-    lexicon, probability, _ = bundled.parts(data.texts)
-    mean_max = max_mean_weight(bundled, data.texts)
+    lexicon, probability, max_weight = bundled.parts(data.texts)
     train = ~data.held_out
     chosen, train_metrics = calibrate(
-        lexicon[train], probability[train], mean_max[train], data.toxic[train]
+        lexicon[train], probability[train], max_weight[train], data.toxic[train]
     )
     scorer = ModelLexiconScorer(bundled.model, bundled.lexicon, chosen)
     scores = scorer.score(data.texts)  # the production SQL path
@@ -234,7 +217,7 @@ def evaluate(write: bool = False, out=sys.stdout) -> int:
     for label, pred in parts.items():
         for split, mask in (("held out", data.held_out), ("overall", np.ones_like(train))):
             print(f"  {label:<28}{split:<10}{metrics(pred[mask], data.toxic[mask])}", file=out)
-    numpy_twin = combined_scores(chosen, lexicon, probability, mean_max)
+    numpy_twin = combined_scores(chosen, lexicon, probability, max_weight)
     if not np.allclose(numpy_twin, scores, atol=1e-9):
         print("ERROR: the SQL scorer disagrees with its numpy twin", file=out)
         return 1

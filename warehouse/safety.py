@@ -11,7 +11,9 @@ Three scorers behind one interface (:class:`ToxicityScorer`):
   classifier is weak at. The model's weights were exported once into
   ``sql/toxicity_model.tsv`` (``python -m pipelines.toxicity_eval export``), so scoring runs
   as plain DuckDB SQL: no pickle is loaded at run time and millions of texts are scored in
-  the database. Its threshold and gate are calibrated on a labelled set
+  the database. (Only that export command imports the package, which loads its own bundled
+  model files with joblib — a pickle, but the registry package's trusted artefact; this code
+  never calls pickle or joblib itself.) Its threshold and gate are calibrated on a labelled set
   (``sql/toxicity_labelled.tsv``, ``python -m pipelines.toxicity_eval``) and kept in
   ``sql/toxicity_calibration.tsv``.
 * :class:`LexiconScorer` — the transparent bundled lexicon (``sql/toxicity_lexicon.tsv``):
@@ -275,17 +277,18 @@ class LinearTextModel:
             lines.append(f"{term}\t{self.idf[i]:.10g}\t{fmt(self.weights[i])}")
         return "\n".join(lines) + "\n"
 
-    def vocabulary_table(self, gate_weight: float) -> pa.Table:
-        """term, idf, w0..w{k-1}, and ``gate``: the mean fold weight is ≥ ``gate_weight``."""
+    def vocabulary_table(self) -> pa.Table:
+        """term, idf, w0..w{k-1} and ``mean_w``, the mean fold weight."""
         columns = {"term": list(self.terms), "idf": self.idf}
         for fold in range(self.weights.shape[1]):
             columns[f"w{fold}"] = self.weights[:, fold]
-        columns["gate"] = self.mean_weights >= gate_weight
+        columns["mean_w"] = self.mean_weights
         return pa.table(columns)
 
     def probability_sql(self, docs: str, vocab: str) -> str:
-        """SELECT _id, _gated, _p over ``docs(_id, _text)``: the classifier probability of each
-        text with at least one vocabulary token, and whether one of them is a gate term."""
+        """SELECT _id, _max_weight, _p over ``docs(_id, _text)``: for each text with at least
+        one vocabulary token, the largest mean fold weight among them (the gate compares it)
+        and the classifier probability."""
         folds = range(len(self.intercept))
         dots = ", ".join(f"sum(_x * w{k}) AS _d{k}" for k in folds)
         probs = " + ".join(
@@ -304,10 +307,10 @@ class LinearTextModel:
             FROM _tf JOIN {vocab} v USING (term)
         ),
         _dots AS (
-            SELECT _id, bool_or(gate) AS _gated, sqrt(sum(_x * _x)) AS _norm, {dots}
+            SELECT _id, max(mean_w) AS _max_weight, sqrt(sum(_x * _x)) AS _norm, {dots}
             FROM _features GROUP BY _id
         )
-        SELECT _id, _gated, ({probs}) / {len(folds)} AS _p FROM _dots"""
+        SELECT _id, _max_weight, ({probs}) / {len(folds)} AS _p FROM _dots"""
 
 
 # -- the fallback: classifier + lexicon -------------------------------------------------------
@@ -436,7 +439,7 @@ class ModelLexiconScorer:
     def install(self, con: duckdb.DuckDBPyConnection) -> None:
         """The lexicon macro and the vocabulary table ``_tox_vocab``."""
         self.lexicon.install(con)
-        con.register("_tox_vocab_arrow", self.model.vocabulary_table(self.calibration.gate_weight))
+        con.register("_tox_vocab_arrow", self.model.vocabulary_table())
         con.execute("CREATE OR REPLACE TEMP TABLE _tox_vocab AS SELECT * FROM _tox_vocab_arrow")
         con.unregister("_tox_vocab_arrow")
 
@@ -452,7 +455,8 @@ class ModelLexiconScorer:
         gated_docs = "(SELECT _id, _text FROM _tox_docs WHERE _may_gate)"
         classifier = self.calibration.classifier_score_sql("_p")
         score = self.calibration.combine_sql(
-            "toxicity(_text)", f"CASE WHEN _gated THEN {classifier} ELSE 0.0 END"
+            "toxicity(_text)",
+            f"CASE WHEN _max_weight >= {self.calibration.gate_weight!r} THEN {classifier} ELSE 0.0 END",
         )
         con.execute(f"""
         CREATE OR REPLACE TEMP TABLE {table} AS
@@ -464,8 +468,9 @@ class ModelLexiconScorer:
         con.execute("DROP TABLE _tox_docs; DROP TABLE _tox_vocab")
 
     def parts(self, texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(lexicon score, classifier probability, gated) of every text, without the prefilter
-        and the gate: what the calibration works on."""
+        """Per text, without prefilter or gate (what the calibration works on): the lexicon
+        score, the classifier probability, and the largest mean fold weight among its
+        vocabulary tokens (−inf without any; the text is gated at g when it is ≥ g)."""
         con = duckdb.connect()
         try:
             self.install(con)
@@ -476,13 +481,17 @@ class ModelLexiconScorer:
             )
             rows = con.execute(
                 f"SELECT toxicity(_text), coalesce(_p, {self.model.prior()!r}), "
-                f"coalesce(_gated, false) FROM _docs LEFT JOIN "
+                f"coalesce(_max_weight, '-inf'::DOUBLE) FROM _docs LEFT JOIN "
                 f"({self.model.probability_sql('_docs', '_tox_vocab')}) USING (_id) ORDER BY _id"
             ).fetchall()
         finally:
             con.close()
-        lexicon, probability, gated = (np.array(c) for c in zip(*rows, strict=True))
-        return lexicon.astype(np.float64), probability.astype(np.float64), gated.astype(bool)
+        if not rows:
+            return np.zeros(0), np.zeros(0), np.zeros(0)
+        lexicon, probability, max_weight = (
+            np.array(c, np.float64) for c in zip(*rows, strict=True)
+        )
+        return lexicon, probability, max_weight
 
     def score(self, texts: Sequence[str | None]) -> np.ndarray:
         return _score_list(self, texts)

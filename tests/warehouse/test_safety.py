@@ -16,7 +16,6 @@ from pipelines.toxicity_eval import (
     calibrate,
     combined_scores,
     load_labelled,
-    max_mean_weight,
     metrics,
     model_checks,
 )
@@ -204,9 +203,9 @@ def test_the_classifier_votes_only_on_gated_texts(fallback):
         "wet dog, knife",  # a mild lexicon term: passes the prefilter, scored by the lexicon
         INSULT,
     ]
-    lexicon, probability, gated = fallback.parts(texts)
+    lexicon, probability, max_weight = fallback.parts(texts)
     assert (probability > fallback.calibration.threshold).all()
-    assert gated.tolist() == [False, False, True]
+    assert (max_weight >= fallback.calibration.gate_weight).tolist() == [False, False, True]
     scores = fallback.score(texts)
     assert scores[0] == lexicon[0] == 0.0
     assert scores[1] == lexicon[1] == pytest.approx(fallback.lexicon.terms["knife"])
@@ -248,22 +247,16 @@ def test_calibration_file_errors_and_a_gate_no_term_reaches(tmp_path, fallback):
 
 
 def test_sql_scores_equal_their_numpy_twin(fallback, labelled):
-    lexicon, probability, _ = fallback.parts(labelled.texts)
-    expected = combined_scores(
-        fallback.calibration, lexicon, probability, max_mean_weight(fallback, labelled.texts)
-    )
+    expected = combined_scores(fallback.calibration, *fallback.parts(labelled.texts))
     np.testing.assert_allclose(fallback.score(labelled.texts), expected, atol=1e-9)
 
 
 def test_bundled_calibration_is_the_one_chosen_on_the_training_part(fallback, labelled):
-    lexicon, probability, _ = fallback.parts(labelled.texts)
+    lexicon, probability, max_weight = fallback.parts(labelled.texts)
     train = ~labelled.held_out
     assert 0 < train.sum() < len(labelled.texts)
     chosen, _ = calibrate(
-        lexicon[train],
-        probability[train],
-        max_mean_weight(fallback, labelled.texts)[train],
-        labelled.toxic[train],
+        lexicon[train], probability[train], max_weight[train], labelled.toxic[train]
     )
     assert chosen == fallback.calibration
 
