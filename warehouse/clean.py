@@ -26,7 +26,7 @@ import pyarrow as pa
 from warehouse.duck import copy_to_parquet, quote
 from warehouse.lake import Lake
 from warehouse.quarantine import PAYLOAD_MAX_CHARS
-from warehouse.safety import LexiconScorer, ToxicityScorer
+from warehouse.safety import SqlToxicityScorer, ToxicityScorer
 from warehouse.schema import (
     IMAGES,
     INGEST_ERROR,
@@ -232,15 +232,15 @@ def _first_rule(rules: Sequence[Rule], value: str) -> str:
 
 
 def _score_texts(con: duckdb.DuckDBPyConnection, spec: CleanSpec, scorer: ToxicityScorer) -> None:
-    """Temp table _tox(_text, _toxicity) of the distinct raw texts that score above zero."""
+    """Temp table _tox(_text, _toxicity) of the distinct raw texts that score above zero.
+
+    SQL scorers (the lexicon, the classifier + lexicon fallback) score inside DuckDB; any
+    other scorer (Detoxify) gets the distinct texts in Arrow batches.
+    """
     text = spec.toxicity_text
     distinct = f"SELECT DISTINCT {text} AS _text FROM _raw WHERE {text} IS NOT NULL"
-    if isinstance(scorer, LexiconScorer):
-        scorer.install(con)
-        con.execute(
-            "CREATE OR REPLACE TEMP TABLE _tox AS SELECT _text, toxicity(_text) AS _toxicity "
-            f"FROM ({distinct}) WHERE {scorer.prefilter_sql('_text')} AND toxicity(_text) > 0"
-        )
+    if isinstance(scorer, SqlToxicityScorer):
+        scorer.create_scores(con, distinct, "_tox")
         return
     con.execute("CREATE OR REPLACE TEMP TABLE _tox (_text VARCHAR, _toxicity DOUBLE)")
     reader = con.execute(distinct).fetch_record_batch(50_000)

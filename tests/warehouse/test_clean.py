@@ -112,7 +112,7 @@ def test_safety_filter_thresholds_are_configurable(tmp_path):
 def test_toxic_detail_names_scorer_and_score(dirty):
     run, _, _ = dirty
     details = [d for r, _, d, _ in quarantine(run, "images") if r == "unsafe: toxic prompt"]
-    assert details and "lexicon-v1" in details[0] and "> 0.2" in details[0]
+    assert details and "lexicon-v2" in details[0] and "> 0.2" in details[0]
 
 
 def test_quarantine_payload_is_the_landed_row(dirty):
