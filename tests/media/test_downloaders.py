@@ -374,7 +374,9 @@ def test_loras_are_downloaded_verified_and_pickles_refused_unrequested(
         "refused: declared format PickleTensor"
     }
     # the token went to the API only, never to the signed-URL host
-    assert all(h.get("Authorization") == f"Bearer {TOKEN}" for h in served.seen("api", "/api/"))
+    api_headers = served.seen("api", "/api/")
+    assert api_headers
+    assert all(h.get("Authorization") == f"Bearer {TOKEN}" for h in api_headers)
     assert not any("Authorization" in h for h in served.seen("cdn", "/files/"))
     assert TOKEN not in caplog.text
 
@@ -833,6 +835,7 @@ def test_a_release_row_without_sha256_is_stored_unverified_and_counted(
     got = {r["modelVersionId"]: r for r in first.table.to_pylist()}
     digest = hashlib.sha256(data).hexdigest()
     assert [got[v]["sha256_verified"] for v in (501, 502, 503)] == [False, False, True]
+    assert len(got) == 3
     assert all(got[v]["status"] == STATUS_OK and got[v]["sha256"] == digest for v in got)
     assert first.unverified == 2 and first.failed == 0 and first.quarantine.num_rows == 0
     # A later release brings hashes: the right one verifies the stored file without a
@@ -880,6 +883,7 @@ def test_401_stops_api_requests_403_fails_one_file_and_both_resume(
         reasons = denied.table.column("reason").to_pylist()
         assert denied.reasons == {"http 401": len(rows)}, reasons
         assert reasons[0] == "http 401: unauthorized (API token missing or refused)"
+        assert reasons[1:]
         assert all("not requested after an earlier 401" in r for r in reasons[1:])
         assert len(served.seen("api", "/api/download/")) == 1  # one request, not one per file
         assert denied.http["retries"] == 0
@@ -961,7 +965,9 @@ def test_the_token_never_appears_in_rows_quarantine_logs_or_exceptions(
     for text in texts:
         assert TOKEN not in text
     # the token went only to the API origin, in the header
-    assert all(h.get("Authorization") == f"Bearer {TOKEN}" for h in served.seen("api", "/api/"))
+    api_headers = served.seen("api", "/api/")
+    assert api_headers
+    assert all(h.get("Authorization") == f"Bearer {TOKEN}" for h in api_headers)
     assert not any("Authorization" in h for _, _, h in served.requests if _ == "cdn")
 
 

@@ -309,6 +309,7 @@ def test_clean_stage_with_the_fallback_records_scorer_and_score(tmp_path, fallba
         ).fetchall()
     )
     assert sorted(k.split("/")[0] for k in details) == ["imageId=2", "imageId=3"]
+    assert len(details) == 2
     assert all(fallback.name in d and "> 0.2" in d for d in details.values())
     assert 0 < report.max_kept_toxicity <= PAPER_THRESHOLD  # "sex" gated, scored below
 
