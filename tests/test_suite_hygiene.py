@@ -27,7 +27,6 @@ TESTS = Path(__file__).resolve().parent
 # Known offenders in files another change is fixing, as "path::function: rule". An entry that no
 # longer matches fails the test too: delete it when its test is fixed.
 KNOWN: set[str] = {
-    "media/test_downloaders.py::test_traversal_names_are_neutralised: all",
     "warehouse/test_macros.py::test_prompt_id_is_stable_and_short: self",
 }
 

@@ -505,9 +505,12 @@ def test_traversal_names_are_neutralised(
         204: "xy.safetensors",
         205: "declared.safetensors",
     }
-    assert all(s == STATUS_OK for s in report.table.column("status").to_pylist())
+    assert report.table.column("status").to_pylist() == [STATUS_OK] * len(names)
     stored = _stored_files(store)
     assert len(stored) == 1 and stored[0].name == f"{hashlib.sha256(data).hexdigest()}.safetensors"
+    # nothing escaped the store: no file anywhere under the test's folders but the stored one
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and "evil" in p.name]
+    assert written == []
     assert not Path("/tmp/evil.safetensors").exists()
 
 
