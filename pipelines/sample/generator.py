@@ -347,7 +347,7 @@ def generate_sample(out: Path, spec: SampleSpec, progress: Progress | None = Non
     rows: dict[str, int] = {}
     media_ids = lora_mask = None
     if spec.with_media:
-        image_mask = media.select_media_images(world, spec.media_images, spec.seed)
+        image_mask = media.select_media_images(world, spec.media_images)
         media_ids = np.sort(world.images.image_ids[image_mask])
         lora_mask = media.select_media_loras(world, spec.media_loras, image_mask)
     model_truth, lora_media = _write_models(

@@ -105,13 +105,13 @@ def _rng(seed: int, *tag: int) -> np.random.Generator:
 # Which images get media
 
 
-def select_media_images(world: World, cap: int, seed: int) -> np.ndarray:
+def select_media_images(world: World, cap: int) -> np.ndarray:
     """Boolean mask over `world.images` of the images that get media files.
 
     Whole users in userHash order, each added while the running total stays within ``cap``
     (users that would overflow it are skipped, smaller ones later may still fit). The order is
     the one the pipeline's ``image_files`` asset downloads in (IMAGEGEM_MEDIA_MAX_IMAGES), so
-    a demo downloads images that exist; ``seed`` is kept for the signature's stability.
+    a demo downloads images that exist.
     """
     images = world.images
     mask = np.zeros(images.image_ids.size, dtype=bool)
