@@ -58,6 +58,7 @@ from pipelines.sample.world import (
     derive_sizes,
     plan_world,
 )
+from warehouse.paper import PAPER_RATIOS
 
 GENERATOR_NAME = "imagegem-sample"
 GENERATOR_VERSION = "1.3.0"
@@ -94,7 +95,7 @@ class SampleSpec:
     loras: int | None = None
     images: int | None = None
     seed: int = 0
-    unsafe_share: float = 0.131
+    unsafe_share: float = PAPER_RATIOS["safety_removed_share"]
     malformed_share: float = 0.02
     with_truth: bool = True
     with_media: bool = True

@@ -10,15 +10,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.sample.generator import read_manifest
+from warehouse.paper import PAPER_RATIOS
 
-# Published ImageGem shape ratios (paper Table 1, after the safety filter).
+# Published ImageGem shape ratios (paper Table 1, after the safety filter), by this module's names.
 PUBLISHED_RATIOS: dict[str, float] = {
-    "users_per_uploader": 3.03,
-    "loras_per_uploader": 12.8,
-    "image_rows_per_user": 85.9,
-    "unique_prompts_per_image_row": 0.589,
-    "unique_tags_per_lora": 0.40,
-    "unsafe_share_of_raw_rows": 0.131,
+    "users_per_uploader": PAPER_RATIOS["users_per_uploader"],
+    "loras_per_uploader": PAPER_RATIOS["loras_per_uploader"],
+    "image_rows_per_user": PAPER_RATIOS["images_per_user"],
+    "unique_prompts_per_image_row": PAPER_RATIOS["unique_prompts_per_image"],
+    "unique_tags_per_lora": PAPER_RATIOS["unique_tags_per_lora"],
+    "unsafe_share_of_raw_rows": PAPER_RATIOS["safety_removed_share"],
 }
 
 
