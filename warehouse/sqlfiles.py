@@ -30,5 +30,5 @@ def named_queries(text: str) -> dict[str, str]:
 
 
 def questions() -> dict[str, str]:
-    """The example questions of the ImageGem schema doc, as SQL over the catalog."""
+    """The example questions (warehouse/sql/questions.sql) as SQL over the catalog, by name."""
     return named_queries(read_sql("questions.sql"))

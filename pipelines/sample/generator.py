@@ -59,6 +59,7 @@ from pipelines.sample.world import (
     plan_world,
 )
 from warehouse.files import atomic_local_path, atomic_write_bytes
+from warehouse.paper import PAPER_RATIOS
 
 GENERATOR_NAME = "imagegem-sample"
 GENERATOR_VERSION = "1.3.0"
@@ -95,7 +96,7 @@ class SampleSpec:
     loras: int | None = None
     images: int | None = None
     seed: int = 0
-    unsafe_share: float = 0.131
+    unsafe_share: float = PAPER_RATIOS["safety_removed_share"]
     malformed_share: float = 0.02
     with_truth: bool = True
     with_media: bool = True

@@ -21,15 +21,18 @@ import numpy as np
 
 from pipelines.sample import styles as st
 from pipelines.sample.text import scramble
+from warehouse.paper import PAPER_RATIOS, PAPER_TABLE1
 
 # Published ImageGem totals (paper Table 1) and the ratios the sample reproduces.
-PUBLISHED_USERS = 57_245
-PUBLISHED_UPLOADERS = 19_003
-PUBLISHED_MODEL_ROWS = 242_889
-PUBLISHED_IMAGE_ROWS = 5_658_107
-TARGET_UNIQUE_PROMPTS_PER_ROW = 0.589
-TARGET_UNIQUE_TAGS_PER_LORA = 0.40
-UNSAFE_LORA_SHARE = (242_889 - 242_118) / 242_889  # ~0.32 %
+PUBLISHED_USERS = PAPER_TABLE1["raw"]["users"]
+PUBLISHED_UPLOADERS = PAPER_TABLE1["raw"]["uploaders"]
+PUBLISHED_MODEL_ROWS = PAPER_TABLE1["raw"]["loras"]
+PUBLISHED_IMAGE_ROWS = PAPER_TABLE1["raw"]["images"]
+TARGET_UNIQUE_PROMPTS_PER_ROW = PAPER_RATIOS["unique_prompts_per_image"]
+TARGET_UNIQUE_TAGS_PER_LORA = PAPER_RATIOS["unique_tags_per_lora"]
+UNSAFE_LORA_SHARE = (
+    PAPER_TABLE1["raw"]["loras"] - PAPER_TABLE1["filtered"]["loras"]
+) / PAPER_TABLE1["raw"]["loras"]  # ~0.32 %
 
 EXTRA_FILE_SHARE = 0.10  # share of versions that also carry a non-primary file
 PURE_UPLOADER_SHARE = 0.10  # uploaders who never post images

@@ -19,8 +19,8 @@ from pipelines.resources import PipelineResources, WarehouseResource
 from pipelines.runner import materialize_all
 from tests.conftest import assert_every_check_passed
 from tests.sample.sample_queries import connect as connect_truth
+from warehouse.paper import PAPER_RATIOS
 from warehouse.sqlfiles import questions
-from warehouse.stats import PAPER_RATIOS
 
 SALT = "e2e-salt"
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.sample.generator import read_manifest
-from warehouse.stats import PAPER_RATIOS
+from warehouse.paper import PAPER_RATIOS
 
 
 def _read_shards(out: Path, files: list[str]) -> pa.Table:

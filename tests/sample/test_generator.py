@@ -23,8 +23,8 @@ from pipelines.sample.generator import (
 )
 from pipelines.sample.world import IMAGE_MALFORMED_KINDS, MODEL_MALFORMED_KINDS
 from tests.sample.sample_queries import connect, scalar, shape_ratios
+from warehouse.paper import PAPER_RATIOS
 from warehouse.schema import IMAGES, MODELS
-from warehouse.stats import PAPER_RATIOS
 
 RATIO_TOLERANCE = 0.25
 SHA256_UPPER = re.compile(r"^[0-9A-F]{64}$")

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import hashlib
+import random
+
 import duckdb
 import pytest
 
@@ -38,10 +41,54 @@ def test_normalize_prompt(con):
     )
 
 
-def test_prompt_id_is_stable_and_short(con):
-    assert q(con, "SELECT prompt_id('a dog')") == q(con, "SELECT prompt_id('a dog')")
-    assert len(q(con, "SELECT prompt_id('a dog')")) == 16
-    assert q(con, "SELECT prompt_id('a dog') <> prompt_id('a cat')")
+def test_prompt_id_is_the_sha256_prefix_of_the_text(con):
+    for text in ("a dog", "a cat", "ünïcode, 1girl"):
+        expected = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        assert q(con, "SELECT prompt_id(?)", text) == expected
+    assert q(con, "SELECT prompt_id(NULL)") is None
+
+
+def test_strip_lora_tags_edge_cases(con):
+    cases = {
+        "a <lora:x:1> b": "a  b",
+        "<lora:a<lora:b>c": "c",  # a tag runs to the first '>'
+        "x>y<lora:z:0.5>w": "x>yw",
+        "open <lora:never closed": "open <lora:never closed",
+        "<lora:a:1> mid <lora:open": " mid <lora:open",
+        "<LORA:kept:1> <lora:>": "<LORA:kept:1> ",
+        ">>": ">>",
+        "": "",
+    }
+    for raw, expected in cases.items():
+        assert q(con, "SELECT strip_lora_tags(?)", raw) == expected, raw
+    assert q(con, "SELECT strip_lora_tags(NULL)") is None
+
+
+# The rules as first written: three regex passes and trim(x, ' ,'). The macros compute the
+# same result faster (one regex pass, a split instead of a regex); random text must agree.
+REFERENCE_MACROS = r"""
+CREATE OR REPLACE MACRO ref_strip(p) AS regexp_replace(p, '<lora:[^>]*>', '', 'g');
+CREATE OR REPLACE MACRO ref_normalize(p) AS nullif(trim(regexp_replace(regexp_replace(
+    lower(ref_strip(p)), '\s*,(\s*,)+\s*|\s+,\s*', ', ', 'g'),
+    '\s\s+|[\t\n\r\f\v]', ' ', 'g'), ' ,'), '');
+"""
+PIECES = [" ", " ", ",", ", ", " ,", ",,", "\t", "\n", "\v", "\r", "\f", "a", "B", "é", "İ"]
+PIECES += ["<lora:", "<LORA:", "<lora", ">", ":", "0.5", "<", "x_1"]
+
+
+def test_normalize_prompt_equals_the_reference_rules_on_random_text(con):
+    rng = random.Random(6)
+    texts = ["".join(rng.choices(PIECES, k=rng.randint(0, 24))) for _ in range(50_000)]
+    con.execute(REFERENCE_MACROS)
+    con.execute("CREATE OR REPLACE TEMP TABLE fuzz AS SELECT unnest(?) AS p", [texts])
+    strip_diff, norm_diff, nulls, changed = con.execute(
+        """SELECT count_if(strip_lora_tags(p) IS DISTINCT FROM ref_strip(p)),
+                  count_if(normalize_prompt(p) IS DISTINCT FROM ref_normalize(p)),
+                  count_if(ref_normalize(p) IS NULL), count_if(ref_normalize(p) <> p)
+           FROM fuzz"""
+    ).fetchone()
+    assert (strip_diff, norm_diff) == (0, 0)
+    assert 0 < nulls < len(texts) and changed > len(texts) // 2  # the text exercises the rules
 
 
 def test_lora_name_strips_extension(con):

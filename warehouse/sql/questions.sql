@@ -1,4 +1,4 @@
--- The example questions of the ImageGem schema doc, answered as plain SQL on the catalog
+-- Example questions about the ImageGem data, answered as plain SQL on the catalog
 -- ($IMAGEGEM_HOME/warehouse.duckdb). Parameterised questions read DuckDB variables, e.g.
 --   SET VARIABLE tag = 'anime'; SET VARIABLE image_id = 123; SET VARIABLE user_hash = '…';
 --   SET VARIABLE model_version_id = 456;
