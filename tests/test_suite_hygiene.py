@@ -26,9 +26,7 @@ TESTS = Path(__file__).resolve().parent
 
 # Known offenders in files another change is fixing, as "path::function: rule". An entry that no
 # longer matches fails the test too: delete it when its test is fixed.
-KNOWN: set[str] = {
-    "warehouse/test_macros.py::test_prompt_id_is_stable_and_short: self",
-}
+KNOWN: set[str] = set()
 
 _WRAPPERS = {"list", "set", "sorted", "tuple", "len", "enumerate", "reversed", "dict", "iter"}
 _METHODS = {"items", "values", "keys", "to_pylist", "tolist", "column", "iterdir", "glob", "rglob"}
