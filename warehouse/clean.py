@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import tempfile
-from collections import deque
+import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -263,6 +263,7 @@ def _score_texts(con: duckdb.DuckDBPyConnection, spec: CleanSpec, scorer: Toxici
 KEPT, QUARANTINED, HELD, DUPLICATE = 0, 1, 2, 3
 ROW_GROUP_ROWS = 122_880  # rows per row group of the written tables (DuckDB's default)
 ARROW_BATCH_ROWS = 122_880
+WRITERS = 2  # threads encoding the clean and quarantine parts (capped by the CPU count)
 
 
 def _create_stage(con: duckdb.DuckDBPyConnection, spec: CleanSpec, scorer_name: str) -> None:
@@ -289,7 +290,6 @@ def _create_stage(con: duckdb.DuckDBPyConnection, spec: CleanSpec, scorer_name: 
     ),
     checked AS (
         SELECT typed.*, {_first_rule(rules, "reason")} AS _rule_reason,
-               {_first_rule(rules, "detail")} AS _rule_detail,
                _dupkeys._k0 IS NOT NULL AS _dupkey
         FROM typed LEFT JOIN _dupkeys ON {key_match}
     ),
@@ -313,7 +313,7 @@ def _create_stage(con: duckdb.DuckDBPyConnection, spec: CleanSpec, scorer_name: 
     )
     SELECT {content}, _status,
         coalesce(_rule_reason, _safety_reason) AS _reason,
-        CASE WHEN _rule_reason IS NOT NULL THEN _rule_detail
+        CASE WHEN _rule_reason IS NOT NULL THEN {_first_rule(rules, "detail")}
              WHEN _safety_reason IS NOT NULL THEN {_first_rule(spec.safety_rules, "detail")}
              END AS _detail,
         {SOURCE_FILE}, {SOURCE_ROW}, _toxicity,
@@ -376,16 +376,20 @@ class _Sink:
 
 @dataclass
 class _Router:
-    """Splits staged batches by fate into the clean table, the quarantine and the held rows;
-    counts what it routed."""
+    """Splits staged batches by fate into its own clean part, quarantine part and held rows,
+    and counts what it routed (one router per writer thread)."""
 
     spec: CleanSpec
     cfg: CleanConfig
+    now: datetime
     out: _Sink
     quarantine: _Sink
     held: _Sink | None
-    now: datetime
-    report: StepReport
+    rows_out: int = 0
+    quarantined: int = 0
+    duplicates: int = 0
+    max_kept_toxicity: float = 0.0
+    reasons: dict[str, int] = field(default_factory=dict)
 
     def route(self, batch: pa.RecordBatch) -> None:
         status = batch.column("_status").to_numpy(zero_copy_only=False)
@@ -398,22 +402,22 @@ class _Router:
                 )
             )
             top = pc.max(rows.column("_toxicity")).as_py() or 0.0
-            self.report.max_kept_toxicity = max(self.report.max_kept_toxicity, top)
-            self.report.rows_out += rows.num_rows
+            self.max_kept_toxicity = max(self.max_kept_toxicity, top)
+            self.rows_out += rows.num_rows
         quarantined = status == QUARANTINED
         if quarantined.any():
             rows = batch.filter(pa.array(quarantined))
             self.quarantine.add(self._quarantine_rows(rows))
             for item in pc.value_counts(rows.column("_reason")).to_pylist():
                 reason = item["values"]
-                self.report.reasons[reason] = self.report.reasons.get(reason, 0) + item["counts"]
-            self.report.quarantined += rows.num_rows
+                self.reasons[reason] = self.reasons.get(reason, 0) + item["counts"]
+            self.quarantined += rows.num_rows
         held = status == HELD
         if held.any():
             if self.held is None:
                 raise AssertionError("held rows met while resolving the held rows")
             self.held.add(batch.filter(pa.array(held)))
-        self.report.duplicates += int((status == DUPLICATE).sum())
+        self.duplicates += int((status == DUPLICATE).sum())
 
     def _quarantine_rows(self, rows: pa.RecordBatch) -> pa.RecordBatch:
         n = rows.num_rows
@@ -437,20 +441,51 @@ class _Router:
             schema=QUARANTINE_SCHEMA,
         )
 
+    def add_to(self, report: StepReport) -> None:
+        """Add this router's counts to ``report``."""
+        report.rows_out += self.rows_out
+        report.quarantined += self.quarantined
+        report.duplicates += self.duplicates
+        report.max_kept_toxicity = max(report.max_kept_toxicity, self.max_kept_toxicity)
+        for reason, n in self.reasons.items():
+            report.reasons[reason] = report.reasons.get(reason, 0) + n
 
-def _stream(reader: pa.RecordBatchReader, router: _Router) -> None:
-    """Route every batch of ``reader``, encoding in a second thread while DuckDB computes."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending: deque = deque()
+
+def _stream(reader: pa.RecordBatchReader, routers: list[_Router]) -> None:
+    """Route every batch of ``reader``, one thread per router, while DuckDB computes the next.
+
+    Each router writes its own files, so Parquet encoding runs on as many cores as there are
+    routers; at most two batches per router wait in memory.
+    """
+    batches: queue.Queue = queue.Queue(maxsize=2 * len(routers))
+    failures: list[BaseException] = []
+
+    def work(router: _Router) -> None:
+        while (batch := batches.get()) is not None:
+            if not failures:
+                try:
+                    router.route(batch)
+                except BaseException as exc:  # handed to the caller below
+                    failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(r,), daemon=True) for r in routers]
+    for thread in threads:
+        thread.start()
+    try:
         for batch in reader:
-            pending.append(pool.submit(router.route, batch))
-            while len(pending) > 2:  # bounded memory: at most three batches in flight
-                pending.popleft().result()
-        for future in pending:
-            future.result()
+            if failures:
+                break
+            batches.put(batch)
+    finally:
+        for _ in threads:
+            batches.put(None)
+        for thread in threads:
+            thread.join()
+    if failures:
+        raise failures[0]
 
 
-def _resolve_held(spec: CleanSpec, held_path: str) -> str:
+def _resolve_held(spec: CleanSpec, held_paths: list[str]) -> str:
     """SQL giving the held rows their final fate (same columns as ``_stage``).
 
     Among rows with the same key and the same content, the first (by source file and row)
@@ -465,7 +500,7 @@ def _resolve_held(spec: CleanSpec, held_path: str) -> str:
         SELECT * EXCLUDE (_status), row_number() OVER (
                    PARTITION BY {content} ORDER BY {SOURCE_FILE}, {SOURCE_ROW}
                ) AS _copy
-        FROM read_parquet({quote(held_path)})
+        FROM read_parquet([{", ".join(quote(p) for p in held_paths)}])
     ),
     ranked AS (
         SELECT *, row_number() OVER (
@@ -517,32 +552,49 @@ def clean_release_table(
 
     report = StepReport(step=spec.step, table=table.name, scorer=scorer.name, rows_in=rows_in)
     now = datetime.now(UTC).replace(tzinfo=None)
-    log.info(f"{spec.step}: writing clean and quarantine rows")
+    writers = max(1, min(WRITERS, os.cpu_count() or 1))
+    log.info(f"{spec.step}: writing clean and quarantine rows ({writers} writers)")
     with (
         tempfile.TemporaryDirectory(prefix="imagegem-held-") as scratch,
         lake.writing(spec.out) as version,
         lake.writing(spec.quarantine) as quarantine_version,
-        lake.fs.open(version.part(0), "wb") as out_file,
-        lake.fs.open(quarantine_version.part(0), "wb") as quarantine_file,
+        ExitStack() as files,
     ):
         stage = con.sql("SELECT * FROM _stage").to_arrow_reader(ARROW_BATCH_ROWS)
-        sinks = [
-            _Sink(out_file, table.clean_schema()),
-            _Sink(quarantine_file, QUARANTINE_SCHEMA),
-            _Sink(os.path.join(scratch, "held.parquet"), stage.schema),
-        ]
-        out, quarantine, held = sinks
+        sinks: list[tuple[_Sink, _Sink, _Sink]] = []
+        for i in range(writers):
+            out_file = files.enter_context(lake.fs.open(version.part(i), "wb"))
+            quarantine_file = files.enter_context(lake.fs.open(quarantine_version.part(i), "wb"))
+            sinks.append(
+                (
+                    _Sink(out_file, table.clean_schema()),
+                    _Sink(quarantine_file, QUARANTINE_SCHEMA),
+                    _Sink(os.path.join(scratch, f"held-{i}.parquet"), stage.schema),
+                )
+            )
         try:
-            _stream(stage, _Router(spec, cfg, out, quarantine, held, now, report))
-            held.close()
-            if held.rows:
-                log.info(f"{spec.step}: resolving {held.rows:,} rows whose key repeats")
-                resolved = con.sql(_resolve_held(spec, held.path)).to_arrow_reader(ARROW_BATCH_ROWS)
-                _stream(resolved, _Router(spec, cfg, out, quarantine, None, now, report))
-            out.close()
-            quarantine.close()
+            routers = [_Router(spec, cfg, now, out, q, held) for out, q, held in sinks]
+            _stream(stage, routers)
+            for router in routers:
+                router.add_to(report)
+            held_paths = []
+            for _, _, held in sinks:
+                held.close()
+                if held.rows:
+                    held_paths.append(held.path)
+            if held_paths:
+                n_held = sum(held.rows for _, _, held in sinks)
+                log.info(f"{spec.step}: resolving {n_held:,} rows whose key repeats")
+                query = _resolve_held(spec, held_paths)
+                routers = [_Router(spec, cfg, now, out, q, None) for out, q, _ in sinks]
+                _stream(con.sql(query).to_arrow_reader(ARROW_BATCH_ROWS), routers)
+                for router in routers:
+                    router.add_to(report)
+            for out, quarantine, _ in sinks:
+                out.close()
+                quarantine.close()
         except BaseException:
-            for sink in sinks:
+            for sink in (s for trio in sinks for s in trio):
                 with suppress(Exception):
                     sink.writer.close()
             raise
