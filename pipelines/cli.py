@@ -201,7 +201,8 @@ def cmd_fake_civitai(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pipelines.bench import run_benchmark
 
-    return run_benchmark(Path(args.work), memory_limit=args.memory_limit)
+    runs = tuple(r.strip() for r in args.runs.split(",") if r.strip())
+    return run_benchmark(Path(args.work), memory_limit=args.memory_limit, runs=runs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="full-scale ingest + clean + catalog benchmark")
     p.add_argument("--work", default="bench/out")
     p.add_argument("--memory-limit", default="2GB", help="DuckDB memory limit")
+    p.add_argument(
+        "--runs",
+        default="sharded,single,pandas,rest",
+        help="which runs, comma-separated (default: all): sharded, single, pandas, rest",
+    )
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)

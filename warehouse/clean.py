@@ -16,16 +16,23 @@ and an optional detail expression, evaluated in order; the first that fires is t
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import tempfile
+import threading
 from collections.abc import Sequence
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from warehouse.duck import copy_to_parquet, quote
+from warehouse.duck import quote
 from warehouse.lake import Lake
-from warehouse.quarantine import PAYLOAD_MAX_CHARS
+from warehouse.quarantine import PAYLOAD_MAX_CHARS, QUARANTINE_SCHEMA
 from warehouse.safety import SqlToxicityScorer, ToxicityScorer
 from warehouse.schema import (
     IMAGES,
@@ -252,71 +259,265 @@ def _score_texts(con: duckdb.DuckDBPyConnection, spec: CleanSpec, scorer: Toxici
         con.unregister("_tox_chunk")
 
 
-def _create_stage(con: duckdb.DuckDBPyConnection, spec: CleanSpec, scorer_name: str) -> None:
-    """The view ``_stage``: every raw row with its fate (``_status``, ``_reason``, ``_detail``).
+# The fate of a row in the staged pass, as the small integer the pass hands to Python.
+KEPT, QUARANTINED, HELD, DUPLICATE = 0, 1, 2, 3
+ROW_GROUP_ROWS = 122_880  # rows per row group of the written tables (DuckDB's default)
+ARROW_BATCH_ROWS = 122_880
+WRITERS = 2  # threads encoding the clean and quarantine parts (capped by the CPU count)
 
-    Window functions (exact copies, key conflicts) run once, only on the rows whose key
-    occurs more than once (``_dupkeys``), into the small table ``_ranked_dups``; every other
-    row streams through the view without a sort.
+
+def _create_stage(con: duckdb.DuckDBPyConnection, spec: CleanSpec, scorer_name: str) -> None:
+    """The view ``_stage``: every raw row with its first-pass fate (``_status``, ``_reason``,
+    ``_detail``), its toxicity, and for the rows that are not kept their quarantine key and
+    payload.
+
+    A row that breaks a row rule is quarantined; a row whose key occurs more than once
+    (``_dupkeys``) is *held*: exact copies and key conflicts are decided among the held rows
+    alone (:func:`_resolve_held`), so every other row streams through without a sort; the
+    rest is kept unless a safety rule quarantines it. ``_reason`` of a held row is its safety
+    reason, if any.
     """
     table = spec.table
-    key = ", ".join(f'"{k}"' for k in table.key)
     key_match = " AND ".join(f'_dupkeys._k{i} = typed."{k}"' for i, k in enumerate(table.key))
-    content = ", ".join(f'"{c}"' for c in table.column_names)
     ingest_rule = Rule("ingest error", f"{INGEST_ERROR} IS NOT NULL", "NULL", INGEST_ERROR)
     rules = (ingest_rule, *spec.rules)
-    safety_reason = _first_rule(spec.safety_rules, "reason")
-    safety_detail = _first_rule(spec.safety_rules, "detail")
+    content = ", ".join(f'"{c}"' for c in table.column_names)
     con.execute(f"""
-    CREATE OR REPLACE TEMP VIEW _checked AS
+    CREATE OR REPLACE TEMP VIEW _stage AS
     WITH typed AS (
         SELECT {_typed_select(table)}
         FROM _raw
-    )
-    SELECT typed.*, {_first_rule(rules, "reason")} AS _rule_reason,
-           {_first_rule(rules, "detail")} AS _rule_detail,
-           _dupkeys._k0 IS NOT NULL AS _dupkey
-    FROM typed LEFT JOIN _dupkeys ON {key_match}
-    """)
-    con.execute(f"""
-    CREATE OR REPLACE TEMP TABLE _ranked_dups AS
-    SELECT * EXCLUDE (_dupkey, _copy), _copy, row_number() OVER (
-               PARTITION BY {key}, _copy = 1 ORDER BY {SOURCE_FILE} DESC, {SOURCE_ROW} DESC
-           ) AS _keyrank
-    FROM (
-        SELECT *, row_number() OVER (
-                   PARTITION BY {key}, hash({content}) ORDER BY {SOURCE_FILE}, {SOURCE_ROW}
-               ) AS _copy
-        FROM _checked WHERE _dupkey AND _rule_reason IS NULL
-    )
-    """)
-    con.execute(f"""
-    CREATE OR REPLACE TEMP VIEW _stage AS
-    WITH ranked AS (
-        SELECT * EXCLUDE (_dupkey), 1 AS _copy, 1 AS _keyrank
-        FROM _checked WHERE NOT _dupkey OR _rule_reason IS NOT NULL
-        UNION ALL BY NAME
-        SELECT * FROM _ranked_dups
+    ),
+    checked AS (
+        SELECT typed.*, {_first_rule(rules, "reason")} AS _rule_reason,
+               _dupkeys._k0 IS NOT NULL AS _dupkey
+        FROM typed LEFT JOIN _dupkeys ON {key_match}
     ),
     scored AS (
-        SELECT ranked.*, coalesce(_tox._toxicity, 0.0) AS _toxicity, {quote(scorer_name)} AS _scorer
-        FROM ranked LEFT JOIN _tox ON _tox._text = ({spec.toxicity_text})
+        SELECT checked.*, coalesce(_tox._toxicity, 0.0) AS _toxicity,
+               {quote(scorer_name)} AS _scorer
+        FROM checked LEFT JOIN _tox ON _tox._text = ({spec.toxicity_text})
+    ),
+    judged AS (
+        SELECT *, CASE WHEN _rule_reason IS NOT NULL THEN NULL
+                       ELSE {_first_rule(spec.safety_rules, "reason")} END AS _safety_reason
+        FROM scored
+    ),
+    fated AS (
+        SELECT *,
+            CASE WHEN _rule_reason IS NOT NULL THEN {QUARANTINED}
+                 WHEN _dupkey THEN {HELD}
+                 WHEN _safety_reason IS NOT NULL THEN {QUARANTINED}
+                 ELSE {KEPT} END::UTINYINT AS _status
+        FROM judged
     )
-    SELECT * EXCLUDE (_rule_reason, _rule_detail, _copy, _keyrank),
-        CASE WHEN _rule_reason IS NOT NULL THEN 'quarantined'
-             WHEN _copy > 1 THEN 'duplicate'
-             WHEN _keyrank > 1 THEN 'quarantined'
-             WHEN ({safety_reason}) IS NOT NULL THEN 'quarantined'
-             ELSE 'kept' END AS _status,
-        CASE WHEN _rule_reason IS NOT NULL THEN _rule_reason
-             WHEN _copy > 1 THEN 'exact duplicate'
-             WHEN _keyrank > 1 THEN 'conflicting duplicate key'
-             ELSE {safety_reason} END AS _reason,
-        CASE WHEN _rule_reason IS NOT NULL THEN _rule_detail
-             WHEN _copy > 1 OR _keyrank > 1 THEN NULL
-             ELSE {safety_detail} END AS _detail
-    FROM scored
+    SELECT {content}, _status,
+        coalesce(_rule_reason, _safety_reason) AS _reason,
+        CASE WHEN _rule_reason IS NOT NULL THEN {_first_rule(rules, "detail")}
+             WHEN _safety_reason IS NOT NULL THEN {_first_rule(spec.safety_rules, "detail")}
+             END AS _detail,
+        {SOURCE_FILE}, {SOURCE_ROW}, _toxicity,
+        CASE WHEN _status <> {KEPT} THEN {_record_key_sql(spec)} END AS _record_key,
+        CASE WHEN _status <> {KEPT} THEN {_payload_sql(spec)} END AS _payload
+    FROM fated
     """)
+
+
+def _record_key_sql(spec: CleanSpec) -> str:
+    """SQL for a quarantine row's ``record_key``: ``col=value/...`` over the table's key."""
+    return " || '/' || ".join(
+        f"'{k}=' || coalesce(CAST(\"{k}\" AS VARCHAR), 'NULL')" for k in spec.table.key
+    )
+
+
+def _payload_sql(spec: CleanSpec) -> str:
+    """SQL for a quarantine row's payload: the row as landed (user hashed), as JSON text."""
+    fields = []
+    for column, kind in spec.table.columns:
+        if kind is Kind.TIMESTAMP_TEXT:
+            fields.append(f'"{column}" := "_raw_{column}"')
+        elif kind is Kind.STRING:
+            fields.append(f'"{column}" := left("{column}", {PAYLOAD_MAX_CHARS})')
+        else:
+            fields.append(f'"{column}" := "{column}"')
+    return f"to_json(struct_pack({', '.join(fields)}))::VARCHAR"
+
+
+class _Sink:
+    """A Parquet writer fed with record batches, writing row groups of ``ROW_GROUP_ROWS``."""
+
+    def __init__(self, file, schema: pa.Schema) -> None:
+        self.schema = schema
+        self.path = file if isinstance(file, str) else None
+        self.writer = pq.ParquetWriter(file, schema, compression="zstd", compression_level=1)
+        self.pending: list[pa.RecordBatch] = []
+        self.pending_rows = 0
+        self.rows = 0
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        if batch.num_rows == 0:
+            return
+        self.pending.append(batch)
+        self.pending_rows += batch.num_rows
+        self.rows += batch.num_rows
+        if self.pending_rows >= ROW_GROUP_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            table = pa.Table.from_batches(self.pending, schema=self.schema)
+            self.writer.write_table(table, row_group_size=max(table.num_rows, 1))
+            self.pending, self.pending_rows = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+@dataclass
+class _Router:
+    """Splits staged batches by fate into its own clean part, quarantine part and held rows,
+    and counts what it routed (one router per writer thread)."""
+
+    spec: CleanSpec
+    cfg: CleanConfig
+    now: datetime
+    out: _Sink
+    quarantine: _Sink
+    held: _Sink | None
+    rows_out: int = 0
+    quarantined: int = 0
+    duplicates: int = 0
+    max_kept_toxicity: float = 0.0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def route(self, batch: pa.RecordBatch) -> None:
+        status = batch.column("_status").to_numpy(zero_copy_only=False)
+        kept = status == KEPT
+        if kept.any():
+            rows = batch.filter(pa.array(kept))
+            self.out.add(
+                pa.RecordBatch.from_arrays(
+                    [rows.column(c) for c in self.out.schema.names], schema=self.out.schema
+                )
+            )
+            top = pc.max(rows.column("_toxicity")).as_py() or 0.0
+            self.max_kept_toxicity = max(self.max_kept_toxicity, top)
+            self.rows_out += rows.num_rows
+        quarantined = status == QUARANTINED
+        if quarantined.any():
+            rows = batch.filter(pa.array(quarantined))
+            self.quarantine.add(self._quarantine_rows(rows))
+            for item in pc.value_counts(rows.column("_reason")).to_pylist():
+                reason = item["values"]
+                self.reasons[reason] = self.reasons.get(reason, 0) + item["counts"]
+            self.quarantined += rows.num_rows
+        held = status == HELD
+        if held.any():
+            if self.held is None:
+                raise AssertionError("held rows met while resolving the held rows")
+            self.held.add(batch.filter(pa.array(held)))
+        self.duplicates += int((status == DUPLICATE).sum())
+
+    def _quarantine_rows(self, rows: pa.RecordBatch) -> pa.RecordBatch:
+        n = rows.num_rows
+
+        def const(value: object, dtype: pa.DataType) -> pa.Array:
+            return pa.repeat(pa.scalar(value, dtype), n)
+
+        return pa.RecordBatch.from_arrays(
+            [
+                const(self.cfg.source, pa.string()),
+                const(self.spec.step, pa.string()),
+                const(self.spec.table.name, pa.string()),
+                rows.column("_record_key"),
+                rows.column("_reason"),
+                rows.column("_detail"),
+                rows.column(SOURCE_FILE),
+                rows.column(SOURCE_ROW),
+                rows.column("_payload"),
+                const(self.now, pa.timestamp("us")),
+            ],
+            schema=QUARANTINE_SCHEMA,
+        )
+
+    def add_to(self, report: StepReport) -> None:
+        """Add this router's counts to ``report``."""
+        report.rows_out += self.rows_out
+        report.quarantined += self.quarantined
+        report.duplicates += self.duplicates
+        report.max_kept_toxicity = max(report.max_kept_toxicity, self.max_kept_toxicity)
+        for reason, n in self.reasons.items():
+            report.reasons[reason] = report.reasons.get(reason, 0) + n
+
+
+def _stream(reader: pa.RecordBatchReader, routers: list[_Router]) -> None:
+    """Route every batch of ``reader``, one thread per router, while DuckDB computes the next.
+
+    Each router writes its own files, so Parquet encoding runs on as many cores as there are
+    routers; at most two batches per router wait in memory.
+    """
+    batches: queue.Queue = queue.Queue(maxsize=2 * len(routers))
+    failures: list[BaseException] = []
+
+    def work(router: _Router) -> None:
+        while (batch := batches.get()) is not None:
+            if not failures:
+                try:
+                    router.route(batch)
+                except BaseException as exc:  # handed to the caller below
+                    failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(r,), daemon=True) for r in routers]
+    for thread in threads:
+        thread.start()
+    try:
+        for batch in reader:
+            if failures:
+                break
+            batches.put(batch)
+    finally:
+        for _ in threads:
+            batches.put(None)
+        for thread in threads:
+            thread.join()
+    if failures:
+        raise failures[0]
+
+
+def _resolve_held(spec: CleanSpec, held_paths: list[str]) -> str:
+    """SQL giving the held rows their final fate (same columns as ``_stage``).
+
+    Among rows with the same key and the same content, the first (by source file and row)
+    stays and the others are exact duplicates (dropped, counted); among the remaining rows of
+    a key, the latest wins and the others are quarantined as conflicting duplicate keys; a
+    winner is then quarantined only when a safety rule fired.
+    """
+    key = ", ".join(f'"{k}"' for k in spec.table.key)
+    content = ", ".join(f'"{c}"' for c in spec.table.column_names)
+    return f"""
+    WITH copies AS (
+        SELECT * EXCLUDE (_status), row_number() OVER (
+                   PARTITION BY {content} ORDER BY {SOURCE_FILE}, {SOURCE_ROW}
+               ) AS _copy
+        FROM read_parquet([{", ".join(quote(p) for p in held_paths)}])
+    ),
+    ranked AS (
+        SELECT *, row_number() OVER (
+                   PARTITION BY {key}, _copy = 1 ORDER BY {SOURCE_FILE} DESC, {SOURCE_ROW} DESC
+               ) AS _keyrank
+        FROM copies
+    )
+    SELECT * EXCLUDE (_copy, _keyrank, _reason, _detail),
+        CASE WHEN _copy > 1 THEN {DUPLICATE}
+             WHEN _keyrank > 1 OR _reason IS NOT NULL THEN {QUARANTINED}
+             ELSE {KEPT} END::UTINYINT AS _status,
+        CASE WHEN _copy > 1 THEN NULL
+             WHEN _keyrank > 1 THEN 'conflicting duplicate key'
+             ELSE _reason END AS _reason,
+        CASE WHEN _copy > 1 OR _keyrank > 1 THEN NULL ELSE _detail END AS _detail
+    FROM ranked
+    """
 
 
 def clean_release_table(
@@ -329,16 +530,15 @@ def clean_release_table(
 ) -> StepReport:
     """Clean one release table from its raw landing into the lake (table + quarantine).
 
-    Small lookup tables are built first (hashed users, texts with a toxicity above zero,
-    keys that occur more than once); then the clean rows and the quarantine rows are each
-    written in one streaming pass over the raw landing through the ``_stage`` view.
+    Small lookup tables are built first (texts with a toxicity above zero, keys that occur
+    more than once); then one streaming pass over the raw landing (the ``_stage`` view)
+    writes the clean rows and the quarantine rows side by side and sets aside the rows whose
+    key repeats, which are resolved afterwards (:func:`_resolve_held`) into the same two
+    files. Both tables are committed only when everything was written.
     """
     log = log or logging.getLogger(__name__)
     table = spec.table
-    raw_files = lake.glob(spec.raw)
-    con.execute(
-        f"CREATE OR REPLACE TEMP VIEW _raw AS SELECT * FROM read_parquet({quote(raw_files)})"
-    )
+    con.execute(f"CREATE OR REPLACE TEMP VIEW _raw AS SELECT * FROM {lake.scan(spec.raw)}")
     rows_in = con.execute("SELECT count(*) FROM _raw").fetchone()[0]
     log.info(f"{spec.step}: {rows_in:,} raw rows; scoring distinct texts with {scorer.name}")
     _score_texts(con, spec, scorer)
@@ -350,78 +550,64 @@ def clean_release_table(
     )
     _create_stage(con, spec, scorer.name)
 
-    log.info(f"{spec.step}: writing clean rows")
-    content = ", ".join(f'"{c}"' for c in table.column_names)
-    with lake.writing(spec.out) as version:
-        copy_to_parquet(
-            con, f"SELECT {content} FROM _stage WHERE _status = 'kept'", version.part(0)
-        )
-    log.info(f"{spec.step}: writing quarantine rows")
-    write_quarantine(con, lake, spec, cfg)
-
-    report = StepReport(step=spec.step, table=table.name, scorer=scorer.name, version=version.name)
-    report.rows_in = rows_in
-    report.rows_out = con.execute(
-        f"SELECT count(*) FROM read_parquet({quote(lake.glob(spec.out))})"
-    ).fetchone()[0]
-    # The highest toxicity among kept texts: a semi join of the clean rows with the (small)
-    # table of texts that scored above zero.
-    report.max_kept_toxicity = con.execute(
-        f"SELECT coalesce(max(_toxicity), 0) FROM _tox SEMI JOIN "
-        f"(SELECT {spec.toxicity_text} AS _text FROM read_parquet({quote(lake.glob(spec.out))})) USING (_text)"
-    ).fetchone()[0]
-    for reason, n in con.execute(
-        f"SELECT reason, count(*) FROM read_parquet({quote(lake.glob(spec.quarantine))}) GROUP BY ALL"
-    ).fetchall():
-        report.reasons[reason] = n
-        report.quarantined += n
-    # Exact copies can only be among rows whose key repeats: counted where they were ranked.
-    report.duplicates = con.execute("SELECT count(*) FROM _ranked_dups WHERE _copy > 1").fetchone()[
-        0
-    ]
+    report = StepReport(step=spec.step, table=table.name, scorer=scorer.name, rows_in=rows_in)
+    now = datetime.now(UTC).replace(tzinfo=None)
+    writers = max(1, min(WRITERS, os.cpu_count() or 1))
+    log.info(f"{spec.step}: writing clean and quarantine rows ({writers} writers)")
+    with (
+        tempfile.TemporaryDirectory(prefix="imagegem-held-") as scratch,
+        lake.writing(spec.out) as version,
+        lake.writing(spec.quarantine) as quarantine_version,
+        ExitStack() as files,
+    ):
+        stage = con.sql("SELECT * FROM _stage").to_arrow_reader(ARROW_BATCH_ROWS)
+        sinks: list[tuple[_Sink, _Sink, _Sink]] = []
+        for i in range(writers):
+            out_file = files.enter_context(lake.fs.open(version.part(i), "wb"))
+            quarantine_file = files.enter_context(lake.fs.open(quarantine_version.part(i), "wb"))
+            sinks.append(
+                (
+                    _Sink(out_file, table.clean_schema()),
+                    _Sink(quarantine_file, QUARANTINE_SCHEMA),
+                    _Sink(os.path.join(scratch, f"held-{i}.parquet"), stage.schema),
+                )
+            )
+        try:
+            routers = [_Router(spec, cfg, now, out, q, held) for out, q, held in sinks]
+            _stream(stage, routers)
+            for router in routers:
+                router.add_to(report)
+            held_paths = []
+            for _, _, held in sinks:
+                held.close()
+                if held.rows:
+                    held_paths.append(held.path)
+            if held_paths:
+                n_held = sum(held.rows for _, _, held in sinks)
+                log.info(f"{spec.step}: resolving {n_held:,} rows whose key repeats")
+                query = _resolve_held(spec, held_paths)
+                routers = [_Router(spec, cfg, now, out, q, None) for out, q, _ in sinks]
+                _stream(con.sql(query).to_arrow_reader(ARROW_BATCH_ROWS), routers)
+                for router in routers:
+                    router.add_to(report)
+            for out, quarantine, _ in sinks:
+                out.close()
+                quarantine.close()
+        except BaseException:
+            for sink in (s for trio in sinks for s in trio):
+                with suppress(Exception):
+                    sink.writer.close()
+            raise
+    report.version = version.name
     if report.duplicates:
         report.reasons["exact duplicate"] = report.duplicates
-    con.execute(
-        "DROP VIEW _stage; DROP TABLE _ranked_dups; DROP VIEW _checked; DROP TABLE _tox; "
-        "DROP TABLE _dupkeys; DROP VIEW _raw"
-    )
+    con.execute("DROP VIEW _stage; DROP TABLE _tox; DROP TABLE _dupkeys; DROP VIEW _raw")
     return report
 
 
-def write_quarantine(
-    con: duckdb.DuckDBPyConnection, lake: Lake, spec: CleanSpec, cfg: CleanConfig
-) -> None:
-    """The quarantine rows of a staged step, with the payload as landed (user hashed)."""
-    fields = []
-    for column, kind in spec.table.columns:
-        if kind is Kind.TIMESTAMP_TEXT:
-            fields.append(f'"{column}" := "_raw_{column}"')
-        elif kind is Kind.STRING:
-            fields.append(f'"{column}" := left("{column}", {PAYLOAD_MAX_CHARS})')
-        else:
-            fields.append(f'"{column}" := "{column}"')
-    record_key = " || '/' || ".join(
-        f"'{k}=' || coalesce(CAST(\"{k}\" AS VARCHAR), 'NULL')" for k in spec.table.key
-    )
-    now = datetime.now(UTC).replace(tzinfo=None).isoformat(sep=" ")
-    with lake.writing(spec.quarantine) as version:
-        copy_to_parquet(
-            con,
-            f"""SELECT {quote(cfg.source)} AS source, {quote(spec.step)} AS step,
-                {quote(spec.table.name)} AS table_name, {record_key} AS record_key,
-                _reason AS reason, _detail AS detail,
-                {SOURCE_FILE} AS source_file, {SOURCE_ROW} AS source_row,
-                to_json(struct_pack({", ".join(fields)}))::VARCHAR AS payload,
-                TIMESTAMP {quote(now)} AS quarantined_at
-            FROM _stage WHERE _status = 'quarantined'""",
-            version.part(0),
-        )
-
-
 def count_rows(con: duckdb.DuckDBPyConnection, lake: Lake, table: str) -> int:
-    return con.execute(f"SELECT count(*) FROM read_parquet({quote(lake.glob(table))})").fetchone()[
-        0
-    ]
+    """Rows of a committed lake table (from the Parquet footers)."""
+    return con.execute(f"SELECT count(*) FROM {lake.scan(table)}").fetchone()[0]
 
 
 def reconcile(con: duckdb.DuckDBPyConnection, lake: Lake, spec: CleanSpec) -> tuple[int, int, int]:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import posixpath
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import fsspec
@@ -27,6 +28,7 @@ from warehouse.lake import Lake, TableVersion, is_remote
 from warehouse.progress import Progress
 from warehouse.schema import (
     INGEST_ERROR,
+    USER_HASH_PATTERN,
     Kind,
     ReleaseTable,
     raw_landing_schema,
@@ -155,26 +157,54 @@ def open_parquet(path: str, fs) -> pq.ParquetFile:
 
 # -- coercion to the canonical types ----------------------------------------------------------
 
-RowErrors = list[str | None]
+INT64_MAX = 2**63 - 1
 
 
-def _note(errors: RowErrors, mask: np.ndarray, message: str) -> None:
-    for i in np.flatnonzero(mask):
-        if errors[i] is None:
-            errors[i] = message
+class RowErrors:
+    """The first ingest error of each row of a batch, kept as codes (no per-row Python)."""
+
+    def __init__(self, rows: int) -> None:
+        self.codes = np.zeros(rows, dtype=np.int32)  # 0: no error, i: messages[i - 1]
+        self.messages: list[str] = []
+
+    def note(self, mask: np.ndarray, message: str) -> None:
+        """Record ``message`` for the rows in ``mask`` that have no error yet."""
+        new = mask & (self.codes == 0)
+        if new.any():
+            self.messages.append(message)
+            self.codes[new] = len(self.messages)
+
+    def array(self) -> pa.Array:
+        """The ``_ingest_error`` column: the message of each row's first error, else null."""
+        if not self.messages:
+            return pa.nulls(len(self.codes), pa.string())
+        indices = pa.array(self.codes - 1, mask=self.codes == 0)
+        return pa.DictionaryArray.from_arrays(indices, pa.array(self.messages)).cast(pa.string())
 
 
 def _coerce_int(arr: pa.Array, column: str, errors: RowErrors) -> pa.Array:
-    if pa.types.is_integer(arr.type) or pa.types.is_null(arr.type):
+    if pa.types.is_null(arr.type) or pa.types.is_boolean(arr.type):
         return arr.cast(pa.int64())
-    if pa.types.is_boolean(arr.type):
+    if pa.types.is_integer(arr.type):
+        if pa.types.is_uint64(arr.type):
+            too_big = pc.greater(arr, pa.scalar(INT64_MAX, pa.uint64())).fill_null(False)
+            if pc.any(too_big).as_py():
+                errors.note(
+                    too_big.to_numpy(zero_copy_only=False),
+                    f"value out of int64 range in integer column {column}",
+                )
+                arr = pc.if_else(too_big, pa.scalar(None, arr.type), arr)
         return arr.cast(pa.int64())
     values = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)  # nulls -> NaN
-    finite = np.isfinite(values)
-    whole = finite & (np.floor(values) == values) & (np.abs(values) < 2.0**63)
-    bad = (~np.isnan(values)) & ~whole
-    if bad.any():
-        _note(errors, bad, f"non-integer value in integer column {column}")
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(values)
+        in_range = finite & (np.abs(values) < 2.0**63)
+        whole = in_range & (np.floor(values) == values)
+    nan = np.isnan(values)
+    if not (whole | nan).all():
+        errors.note(~nan & ~finite, f"non-finite value in integer column {column}")
+        errors.note(finite & ~in_range, f"value out of int64 range in integer column {column}")
+        errors.note(in_range & ~whole, f"non-integer value in integer column {column}")
     out = np.where(whole, values, 0).astype(np.int64)
     return pa.array(out, type=pa.int64(), mask=~whole)
 
@@ -186,9 +216,13 @@ def _coerce_float(arr: pa.Array) -> pa.Array:
 def _coerce_string(arr: pa.Array, column: str, errors: RowErrors) -> pa.Array:
     if pa.types.is_null(arr.type):
         return arr.cast(pa.string())
-    if pa.types.is_large_string(arr.type):
+    if pa.types.is_large_string(arr.type) or pa.types.is_string_view(arr.type):
         arr = arr.cast(pa.string())
-    if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+    if (
+        pa.types.is_binary(arr.type)
+        or pa.types.is_large_binary(arr.type)
+        or pa.types.is_binary_view(arr.type)
+    ):
         arr = arr.cast(pa.binary()).view(pa.string())
     try:
         arr.validate(full=True)
@@ -196,9 +230,9 @@ def _coerce_string(arr: pa.Array, column: str, errors: RowErrors) -> pa.Array:
     except pa.ArrowInvalid:
         pass
     # Rare path: find the rows with invalid UTF-8, keep them (escaped) and flag them.
-    raw = arr.view(pa.binary()).to_pylist()
     fixed: list[str | None] = []
-    for i, value in enumerate(raw):
+    invalid = np.zeros(len(arr), dtype=bool)
+    for i, value in enumerate(arr.view(pa.binary()).to_pylist()):
         if value is None:
             fixed.append(None)
             continue
@@ -206,19 +240,38 @@ def _coerce_string(arr: pa.Array, column: str, errors: RowErrors) -> pa.Array:
             fixed.append(value.decode("utf-8"))
         except UnicodeDecodeError:
             fixed.append(value.decode("utf-8", errors="backslashreplace"))
-            if errors[i] is None:
-                errors[i] = f"invalid UTF-8 in column {column}"
+            invalid[i] = True
+    errors.note(invalid, f"invalid UTF-8 in column {column}")
     return pa.array(fixed, type=pa.string())
 
 
 def _coerce_timestamp_text(arr: pa.Array, column: str, errors: RowErrors) -> pa.Array:
     if pa.types.is_timestamp(arr.type):
-        # UTC wall time, whole seconds (the release's text has no fraction)
+        # UTC wall time (a zoned timestamp holds UTC instants), whole seconds (the release's
+        # text has no fraction)
         seconds = arr.cast(pa.timestamp(arr.type.unit)).cast(pa.timestamp("s"), safe=False)
         return pc.strftime(seconds, format="%Y-%m-%d %H:%M:%S")
     if pa.types.is_date(arr.type):
         return pc.strftime(arr.cast(pa.timestamp("s")), format="%Y-%m-%d %H:%M:%S")
     return _coerce_string(arr, column, errors)
+
+
+def _canonical_hashes(values: pa.Array) -> np.ndarray:
+    """Which values are already a canonical userHash (64 lowercase hex characters)."""
+    matches = pc.match_substring_regex(values, USER_HASH_PATTERN).fill_null(False)
+    return matches.to_numpy(zero_copy_only=False)
+
+
+def _user_hashes(values: pa.Array, salt: str) -> tuple[pa.Array, int]:
+    """:func:`normalize_user_hashes`, run only on the values that are not canonical hashes."""
+    canonical = _canonical_hashes(values)
+    if canonical.all():
+        if not salt:
+            raise ValueError("a non-empty salt is required to hash raw usernames")
+        return values, 0
+    others = np.flatnonzero(~canonical)
+    fixed, n_raw = normalize_user_hashes(values.take(pa.array(others)), salt)
+    return pc.replace_with_mask(values, pa.array(~canonical), fixed), n_raw
 
 
 def coerce_batch(
@@ -235,7 +288,7 @@ def coerce_batch(
     reaches the lake; ``counters["raw_usernames_hashed"]`` counts them.
     """
     n = batch.num_rows
-    errors: RowErrors = [None] * n
+    errors = RowErrors(n)
     columns: list[pa.Array] = []
     for column, kind in table.columns:
         arr = batch.column(column)
@@ -252,33 +305,90 @@ def coerce_batch(
         else:
             columns.append(_coerce_timestamp_text(arr, column, errors))
         if column == "userHash":
-            columns[-1], n_raw = normalize_user_hashes(columns[-1], user_salt)
+            columns[-1], n_raw = _user_hashes(columns[-1], user_salt)
             if counters is not None and n_raw:
                 counters["raw_usernames_hashed"] = counters.get("raw_usernames_hashed", 0) + n_raw
-    columns.append(pa.array([source_file] * n, type=pa.string()))
+    columns.append(pa.repeat(pa.scalar(source_file, pa.string()), n))
     columns.append(pa.array(np.arange(first_row, first_row + n, dtype=np.int64)))
-    columns.append(pa.array(errors, type=pa.string()))
+    columns.append(errors.array())
     return pa.RecordBatch.from_arrays(columns, schema=raw_landing_schema(table))
 
 
+# -- landing ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LandingUnit:
+    """One row group of one release file: the unit of parallel landing (one landing part)."""
+
+    index: int  # the landing part it becomes
+    path: str
+    row_group: int
+    first_row: int  # the row group's first row within its file (for _source_row)
+    rows: int
+    metadata: pq.FileMetaData  # the file's footer, read once when validating
+
+
+def plan_landing(files: list[str], table: ReleaseTable, fs) -> tuple[list[LandingUnit], int, int]:
+    """Validate every file's footer and split the files into row-group units.
+
+    Returns the units (in file, row-group order), the total row count and the bytes. Raises
+    :class:`ReleaseFormatError` for the first file that cannot be landed, before any row is read.
+    """
+    units: list[LandingUnit] = []
+    total_rows = total_bytes = 0
+    for path in files:
+        parquet = open_parquet(path, fs)
+        try:
+            validate_schema(path, parquet.schema_arrow, table)
+            metadata = parquet.metadata
+        finally:
+            parquet.close(force=True)
+        first = 0
+        for group in range(metadata.num_row_groups):
+            rows = metadata.row_group(group).num_rows
+            units.append(LandingUnit(len(units), path, group, first, rows, metadata))
+            first += rows
+        total_rows += metadata.num_rows
+        total_bytes += fs.size(path)
+    return units, total_rows, total_bytes
+
+
 def iter_landing_batches(
-    path: str,
+    unit: LandingUnit,
     table: ReleaseTable,
     fs,
     user_salt: str,
     batch_rows: int = BATCH_ROWS,
     counters: dict[str, int] | None = None,
+    use_threads: bool = True,
 ) -> Iterator[pa.RecordBatch]:
-    """Stream one release file as canonical batches (schema validated before the first batch)."""
-    parquet = open_parquet(path, fs)
-    validate_schema(path, parquet.schema_arrow, table)
-    row = 0
-    try:
-        for batch in parquet.iter_batches(batch_size=batch_rows, columns=table.column_names):
-            yield coerce_batch(batch, table, path, row, user_salt, counters)
+    """Stream one row group as canonical batches.
+
+    A page that cannot be decoded (corrupt bytes behind a valid footer, a bad checksum) raises
+    :class:`ReleaseFormatError` naming the file, the row group and the first row not read.
+    """
+    with fs.open(unit.path, "rb") as source:
+        parquet = pq.ParquetFile(source, metadata=unit.metadata, page_checksum_verification=True)
+        batches = parquet.iter_batches(
+            batch_size=batch_rows,
+            row_groups=[unit.row_group],
+            columns=table.column_names,
+            use_threads=use_threads,
+        )
+        row = unit.first_row
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (pa.ArrowException, OSError) as exc:
+                raise ReleaseFormatError(
+                    f"{unit.path}: unreadable data in row group {unit.row_group} "
+                    f"at row {row} ({exc})"
+                ) from exc
+            yield coerce_batch(batch, table, unit.path, row, user_salt, counters)
             row += batch.num_rows
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise ReleaseFormatError(f"{path}: unreadable at row {row} ({exc})") from exc
 
 
 def land_release_table(
@@ -289,54 +399,73 @@ def land_release_table(
     user_salt: str,
     storage_options: dict | None = None,
     log: logging.Logger | None = None,
-    workers: int = 2,
+    workers: int | None = None,
 ) -> LandingReport:
     """Land every release file of ``table`` into one committed version of ``landing_table``.
 
-    Every file is validated before any row is written, so a bad shard fails the run before
-    work is spent; files are then landed ``workers`` at a time (Parquet encoding runs in C++
-    without the GIL), one landing part per release file, and the version is committed only
-    when all files landed.
+    Every file's footer is validated before any row is read, so a bad shard fails the run
+    before work is spent. The row groups of all files are then landed ``workers`` at a time
+    (default: one per CPU; decoding and Parquet encoding run in C++ without the GIL), one
+    landing part per row group, so a release delivered as one big file uses every core as
+    well as a sharded one. The version is committed only when every row group landed; the
+    first failure stops the others and nothing is committed.
     """
     report = LandingReport(table=table.name, files=list(files))
     if not files:
         raise ReleaseFormatError(f"no files given for release table {table.name}")
     fs, _ = open_release_fs(files[0], storage_options)
-    total_rows = 0
-    for path in files:  # validate all shards first (cheap: footers only)
-        parquet = open_parquet(path, fs)
-        validate_schema(path, parquet.schema_arrow, table)
-        total_rows += parquet.metadata.num_rows
-        report.bytes_read += fs.size(path)
+    units, total_rows, report.bytes_read = plan_landing(files, table, fs)
+    cpus = os.cpu_count() or 2
+    workers = max(1, min(workers or cpus, len(units) or 1))
+    use_threads = len(units) < cpus  # few row groups: let each decode its columns in parallel
     progress = Progress(f"land {table.name}", total_rows, log or logging.getLogger(__name__))
     schema = raw_landing_schema(table)
     lock = threading.Lock()
+    stop = threading.Event()
 
-    def land_file(index: int, path: str, version: TableVersion) -> None:
-        with lake.fs.open(version.part(index), "wb") as sink:
-            writer = pq.ParquetWriter(sink, schema, compression="zstd", compression_level=1)
-            try:
-                counters: dict[str, int] = {}
-                for batch in iter_landing_batches(path, table, fs, user_salt, counters=counters):
-                    writer.write_batch(batch)
-                    errors = batch.column(INGEST_ERROR)
-                    messages = (
-                        errors.drop_null().to_pylist() if errors.null_count < len(errors) else []
-                    )
-                    with lock:
-                        for message in messages:
-                            report.row_errors[message] = report.row_errors.get(message, 0) + 1
-                        report.rows += batch.num_rows
-                        report.raw_usernames_hashed += counters.pop("raw_usernames_hashed", 0)
-                        progress.advance(batch.num_rows)
-            finally:
-                writer.close()
+    def land_unit(unit: LandingUnit, version: TableVersion) -> None:
+        if stop.is_set():
+            return
+        counters: dict[str, int] = {}
+        with (
+            lake.fs.open(version.part(unit.index), "wb") as sink,
+            pq.ParquetWriter(sink, schema, compression="zstd", compression_level=1) as writer,
+        ):
+            for batch in iter_landing_batches(
+                unit, table, fs, user_salt, counters=counters, use_threads=use_threads
+            ):
+                if stop.is_set():
+                    return
+                writer.write_batch(batch)
+                errors = batch.column(INGEST_ERROR)
+                counts = (
+                    pc.value_counts(errors.drop_null()).to_pylist()
+                    if errors.null_count < len(errors)
+                    else []
+                )
+                with lock:
+                    for item in counts:
+                        message = item["values"]
+                        report.row_errors[message] = (
+                            report.row_errors.get(message, 0) + item["counts"]
+                        )
+                    report.rows += batch.num_rows
+                    report.raw_usernames_hashed += counters.pop("raw_usernames_hashed", 0)
+                    progress.advance(batch.num_rows)
 
     with lake.writing(landing_table) as version:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            futures = [pool.submit(land_file, i, path, version) for i, path in enumerate(files)]
-            for future in futures:
-                future.result()  # re-raises the first failure; the version is then discarded
+        if not units:  # only zero-row files: commit one empty part, so the table exists
+            with lake.fs.open(version.part(0), "wb") as sink:
+                pq.ParquetWriter(sink, schema, compression="zstd").close()
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(land_unit, unit, version) for unit in units]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in futures if f in done and f.exception() is not None]
+            if failed:
+                stop.set()
+                for future in futures:
+                    future.cancel()
+                raise failed[0].exception()  # the version is then discarded
         report.version = version.name
     progress.done()
     return report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -184,3 +185,181 @@ def test_hashing_needs_a_salt():
 
     with pytest.raises(ValueError, match="salt"):
         normalize_user_hashes(pa.array(["x"]), "")
+
+
+# -- sad paths: bytes, numbers and types met in the wild ---------------------------------------
+
+
+def _chunk(path, column: str, row_group: int = 0):
+    meta = pq.ParquetFile(path).metadata
+    names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+    return meta.row_group(row_group).column(names.index(column))
+
+
+def _overwrite(path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+@pytest.mark.parametrize("where", ["page header", "page body (checksummed)"])
+def test_corrupt_data_page_behind_a_valid_footer_is_a_clear_error(tmp_path, where):
+    """The footer reads fine (schema validated), a data page does not: the error names the
+    file, the row group and the row, and nothing is committed, even the good shard."""
+    write_images(tmp_path, to_table([image_row(i) for i in range(10)], IMAGES), "part-0.parquet")
+    bad = tmp_path / "release" / "images" / "part-1.parquet"
+    rows = to_table([image_row(i) for i in range(100, 400)], IMAGES)
+    pq.write_table(rows, bad, row_group_size=100, use_dictionary=False, write_page_checksum=True)
+    chunk = _chunk(bad, "prompt", row_group=1)
+    offset = chunk.data_page_offset
+    if where == "page body (checksummed)":
+        offset += chunk.total_compressed_size // 2
+    _overwrite(bad, offset, b"\xff" * 16)
+    assert pq.ParquetFile(bad).metadata.num_rows == 300  # the footer is intact
+    with pytest.raises(ReleaseFormatError) as info:
+        land(tmp_path)
+    message = str(info.value)
+    assert str(bad) in message
+    assert "row group 1 at row 100" in message
+    lake = Lake(str(tmp_path / "lake"))
+    assert lake.current("raw/images") is None
+    assert not list((tmp_path / "lake").rglob("*.parquet"))  # the half-written version is gone
+
+
+def test_failed_landing_keeps_the_previous_version(tmp_path):
+    path = write_images(tmp_path, to_table([image_row(1), image_row(2)], IMAGES))
+    lake, _, _ = land(tmp_path)
+    before = lake.current("raw/images")
+    pq.write_table(
+        to_table([image_row(i) for i in range(50)], IMAGES), path, write_page_checksum=True
+    )
+    chunk = _chunk(path, "url")
+    _overwrite(path, chunk.data_page_offset + chunk.total_compressed_size // 2, b"\x00" * 8)
+    with pytest.raises(ReleaseFormatError, match="unreadable data"):
+        land(tmp_path)
+    assert lake.current("raw/images") == before
+    assert lake.read_table("raw/images").num_rows == 2
+
+
+def test_row_groups_land_in_parallel_with_lineage(tmp_path):
+    """A single file of several row groups lands as one part per row group; _source_row
+    counts through the whole file."""
+    rows = [image_row(i) for i in range(1, 12)]
+    path = tmp_path / "release" / "images.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(to_table(rows, IMAGES), path, row_group_size=4)
+    lake = Lake(str(tmp_path / "lake"))
+    files = discover(str(tmp_path / "release"), IMAGES)
+    report = land_release_table(lake, "raw/images", files, IMAGES, "salt", workers=3)
+    parts = sorted((tmp_path / "lake" / "raw" / "images").rglob("part-*.parquet"))
+    assert len(parts) == 3
+    landed = lake.read_table("raw/images")
+    assert report.rows == 11
+    assert landed.column("_source_row").to_pylist() == list(range(11))
+    assert landed.column("imageId").to_pylist() == list(range(1, 12))
+    assert set(landed.column("_source_file").to_pylist()) == {str(path)}
+
+
+def test_inf_and_huge_values_in_integer_columns_are_row_errors(tmp_path):
+    """inf and values at or beyond 2^63 (as float, or as uint64) are row errors: the row is
+    kept with a reason for the clean stage, the value nulled, never wrapped around."""
+    t = to_table([image_row(i) for i in range(1, 8)], IMAGES)
+    steps = pa.array([30.0, float("inf"), float("-inf"), 2.0**63, -1e19, 20.0, 20.0])
+    seeds = pa.array([1, 2, 3, 4, 5, 2**63, 2**64 - 1], type=pa.uint64())
+    t = t.set_column(t.schema.get_field_index("steps"), "steps", steps)
+    t = t.set_column(t.schema.get_field_index("seed"), "seed", seeds)
+    write_images(tmp_path, t)
+    _, report, landed = land(tmp_path)
+    assert landed.column("_ingest_error").to_pylist() == [
+        None,
+        "non-finite value in integer column steps",
+        "non-finite value in integer column steps",
+        "value out of int64 range in integer column steps",
+        "value out of int64 range in integer column steps",
+        "value out of int64 range in integer column seed",
+        "value out of int64 range in integer column seed",
+    ]
+    assert landed.column("steps").to_pylist() == [30, None, None, None, None, 20, 20]
+    assert landed.column("seed").to_pylist() == [1, 2, 3, 4, 5, None, None]
+    assert report.row_errors == {
+        "non-finite value in integer column steps": 2,
+        "value out of int64 range in integer column steps": 2,
+        "value out of int64 range in integer column seed": 2,
+    }
+
+
+def test_uint64_beyond_int64_is_named_in_the_row_error(tmp_path):
+    t = to_table([image_row(1), image_row(2)], IMAGES)
+    posts = pa.array([7, 2**63 + 5], type=pa.uint64())
+    t = t.set_column(t.schema.get_field_index("postId"), "postId", posts)
+    write_images(tmp_path, t)
+    _, report, landed = land(tmp_path)
+    assert landed.column("_ingest_error").to_pylist() == [
+        None,
+        "value out of int64 range in integer column postId",
+    ]
+    assert landed.column("postId").to_pylist() == [7, None]
+
+
+def test_timezone_aware_timestamps_land_as_utc_text(tmp_path):
+    t = to_table([image_row(1), image_row(2), image_row(3)], IMAGES)
+    stamps = pa.array(
+        [
+            pd_stamp("2023-06-01T14:00:00+02:00"),
+            pd_stamp("2023-12-31T23:30:00-01:00"),
+            None,
+        ],
+        type=pa.timestamp("ms", tz="Europe/Paris"),
+    )
+    t = t.set_column(t.schema.get_field_index("createdAt"), "createdAt", stamps)
+    write_images(tmp_path, t)
+    _, report, landed = land(tmp_path)
+    assert landed.schema.field("createdAt").type == pa.string()
+    assert landed.column("createdAt").to_pylist() == [
+        "2023-06-01 12:00:00",
+        "2024-01-01 00:30:00",
+        None,
+    ]
+    assert report.row_errors == {}
+
+
+def pd_stamp(text: str) -> int:
+    """Milliseconds since the epoch (UTC) of an ISO 8601 text with an offset."""
+    from datetime import datetime
+
+    return int(datetime.fromisoformat(text).timestamp() * 1000)
+
+
+def test_dictionary_encoded_columns_land_as_plain_values(tmp_path):
+    rows = [image_row(i, sampler="Euler a" if i % 2 else "DPM++ 2M") for i in range(1, 7)]
+    plain = to_table(rows, IMAGES)
+    t = plain
+    for name in ("sampler", "prompt", "userHash", "browsingLevel", "createdAt"):
+        i = t.schema.get_field_index(name)
+        t = t.set_column(i, name, pc.dictionary_encode(t.column(name)))
+    assert pa.types.is_dictionary(t.schema.field("sampler").type)
+    write_images(tmp_path, t)
+    assert pa.types.is_dictionary(
+        pq.read_schema(tmp_path / "release/images/part-0.parquet").field("sampler").type
+    )
+    _, report, landed = land(tmp_path)
+    for name in ("sampler", "prompt", "userHash", "browsingLevel", "createdAt"):
+        assert landed.schema.field(name).type == IMAGES.canonical_schema().field(name).type
+        assert landed.column(name).to_pylist() == plain.column(name).to_pylist(), name
+    assert report.row_errors == {}
+
+
+def test_all_null_columns_of_null_type_are_accepted(tmp_path):
+    t = to_table([image_row(1), image_row(2)], IMAGES)
+    for name in ("comfy", "clipSkip", "hiresUpscale", "hiresUpscaler", "seed"):
+        t = t.set_column(t.schema.get_field_index(name), name, pa.nulls(2))
+    assert t.schema.field("clipSkip").type == pa.null()
+    write_images(tmp_path, t)
+    _, report, landed = land(tmp_path)
+    assert landed.schema.equals(
+        pa.schema(list(IMAGES.canonical_schema()) + list(landed.schema)[-3:])
+    )
+    for name in ("comfy", "clipSkip", "hiresUpscale", "hiresUpscaler", "seed"):
+        assert landed.column(name).to_pylist() == [None, None], name
+    assert landed.column("imageId").to_pylist() == [1, 2]
+    assert report.row_errors == {}
