@@ -17,6 +17,9 @@ class DuckSettings:
     memory_limit: str = "2GB"
     threads: int = 2
     temp_directory: str | None = None
+    # How far a query streamed to Python (Arrow batches) may run ahead of its reader: DuckDB's
+    # 10 MiB default lets one thread work at a time; more lets every thread keep producing.
+    streaming_buffer: str = "256MB"
 
 
 def connect(lake: Lake, settings: DuckSettings | None = None, database: str = ":memory:"):
@@ -30,6 +33,7 @@ def connect(lake: Lake, settings: DuckSettings | None = None, database: str = ":
     con.execute(f"SET memory_limit = '{settings.memory_limit}'")
     con.execute(f"SET threads = {int(settings.threads)}")
     con.execute("SET preserve_insertion_order = false")
+    con.execute(f"SET streaming_buffer_size = {quote(settings.streaming_buffer)}")
     if settings.temp_directory:
         os.makedirs(settings.temp_directory, exist_ok=True)
         con.execute(f"SET temp_directory = {quote(settings.temp_directory)}")

@@ -1,10 +1,16 @@
 """Reading the published ImageGem release (parquet) into the raw landing, in streaming batches.
 
 File-level problems (no files, an empty or truncated file, a missing/renamed or mistyped
-column) raise :class:`ReleaseFormatError` naming the file and the column: the run stops.
-Row-level problems met while decoding (invalid UTF-8, a fractional value in an integer column)
-do not stop the run: the row is landed with an ``_ingest_error`` and the clean stage
-quarantines it with that reason. Nothing is dropped here.
+column, a data page that cannot be decoded behind a valid footer) raise
+:class:`ReleaseFormatError` naming the file and the column or position: the run stops and
+nothing is committed. Row-level problems met while decoding (invalid UTF-8; a fractional,
+infinite or out-of-int64-range value in an integer column) do not stop the run: the row is
+landed with an ``_ingest_error`` and the clean stage quarantines it with that reason. Nothing
+is dropped here.
+
+Every file's footer is validated before any row is read; the row groups of all files are
+then landed in parallel, one landing part per row group, so one big file lands as fast as
+many shards.
 """
 
 from __future__ import annotations
