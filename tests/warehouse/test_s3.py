@@ -48,6 +48,7 @@ def test_release_on_s3_lands_cleans_and_derives_into_an_s3_lake(s3):
     ]
     assert [r.rows_out for r in reports] == [2, 5]
     assert reports[1].reasons == {"non-positive width/height": 1}
+    assert build_derived(con, lake, "interactions") > 0  # users aggregate interactions
     assert build_derived(con, lake, "users") == 2
     assert fs.exists(f"imagegem/lake/images/{lake.current('images').name}/part-00000.parquet")
     assert con.execute(
