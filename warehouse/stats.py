@@ -87,8 +87,8 @@ MODEL_COLUMNS = {"modelVersionId": "BIGINT", "tags": "VARCHAR", "userHash": "VAR
 def _unsafe_rows(lake: Lake, part: str, columns: dict[str, str]) -> str:
     """Rows the safety filter quarantined, with ``columns`` (name → type) from the payload.
 
-    One json_extract_string of the list of paths parses each payload once (one call per
-    column parsed it once per column)."""
+    One json_extract_string over the list of paths parses each payload once, not once per
+    column."""
     paths = ", ".join(f"'$.{c}'" for c in columns)
     fields = ", ".join(
         f'CAST(_v[{i}] AS {t}) AS "{c}"' for i, (c, t) in enumerate(columns.items(), start=1)

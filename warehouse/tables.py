@@ -1,14 +1,16 @@
 """The normalised warehouse tables derived from the clean ``images`` and ``models``.
 
-Each builder is one DuckDB query over the committed clean tables, written to a new committed
-lake version, and returns the number of rows written. Keys:
+Each builder is one DuckDB query (``prompts``: a few statements through temp tables) over the
+committed tables it ``needs`` (clean tables, or derived tables listed before it in
+``DERIVED``), written to a new committed lake version; ``build_derived`` returns the number of
+rows written. Keys:
 
-* ``users(userHash)`` — per user activity, uploader or not;
+* ``interactions(userHash, item_kind, item_id, kind)`` — user → item events;
+* ``users(userHash)`` — per user activity, uploader or not (aggregated from interactions);
 * ``loras(modelVersionId)`` — one row per LoRA model version, its primary file;
 * ``image_loras(imageId, modelVersionId)`` — the LoRAs each image used, with the weight of
   the matching ``<lora:name:w>`` prompt tag (multi-LoRA images have several rows);
-* ``prompts(prompt_id)`` — distinct normalised prompts;
-* ``interactions(userHash, item_kind, item_id, kind)`` — user → item events.
+* ``prompts(prompt_id)`` — distinct normalised prompts.
 """
 
 from __future__ import annotations
@@ -24,54 +26,36 @@ from warehouse.sqlfiles import install_macros
 
 
 def users_sql(lake: Lake) -> str:
-    images, models = lake.scan("images"), lake.scan("models")
-    # Distinct counts in two steps (group by the pair, then count the groups): DuckDB's
-    # count(DISTINCT) is 2-3x slower on millions of rows.
+    # Every user count is an aggregate of the user's interactions (already grouped per user
+    # and item: 2x fewer rows than images, no second scan of images or models). Exact since
+    # the clean tables' keys and userHash are not null: n_events counts the image rows.
     return f"""
-    WITH user_lora AS (
-        SELECT userHash, modelVersionId, count(*) AS n_rows,
-               min(createdAt) AS first_at, max(createdAt) AS last_at
-        FROM {images} GROUP BY ALL
-    ), per_user AS (
-        SELECT userHash, sum(n_rows)::BIGINT AS n_image_rows,
-               count(modelVersionId) AS n_loras_used,
-               min(first_at) AS first_image_at, max(last_at) AS last_image_at
-        FROM user_lora GROUP BY userHash
-    ), user_images AS (
-        SELECT userHash, count(imageId) AS n_images
-        FROM (SELECT DISTINCT userHash, imageId FROM {images}) GROUP BY ALL
-    ), img AS (
-        SELECT p.*, i.n_images
-        FROM per_user p JOIN user_images i ON p.userHash IS NOT DISTINCT FROM i.userHash
-    ), upl AS (
-        SELECT userHash, count(DISTINCT modelVersionId) AS n_loras_uploaded,
-               min(publishedAt) AS first_upload_at
-        FROM {models} GROUP BY userHash
-    )
     SELECT userHash,
-           coalesce(n_image_rows, 0) AS n_image_rows, coalesce(n_images, 0) AS n_images,
-           coalesce(n_loras_used, 0) AS n_loras_used,
-           coalesce(n_loras_uploaded, 0) AS n_loras_uploaded,
-           coalesce(n_loras_uploaded, 0) > 0 AS is_uploader,
-           least(first_image_at, first_upload_at) AS first_seen_at,
-           last_image_at
-    FROM img FULL OUTER JOIN upl USING (userHash)
+           coalesce(sum(n_events) FILTER (kind = 'generated_with'), 0)::BIGINT AS n_image_rows,
+           count(*) FILTER (kind = 'created') AS n_images,
+           count(*) FILTER (kind = 'generated_with') AS n_loras_used,
+           count(*) FILTER (kind = 'uploaded') AS n_loras_uploaded,
+           count(*) FILTER (kind = 'uploaded') > 0 AS is_uploader,
+           min(first_at) AS first_seen_at,
+           max(last_at) FILTER (kind = 'generated_with') AS last_image_at
+    FROM {lake.scan("interactions")}
+    GROUP BY userHash
     ORDER BY userHash
     """
 
 
 def loras_sql(lake: Lake) -> str:
-    images, models = lake.scan("images"), lake.scan("models")
+    models, interactions = lake.scan("models"), lake.scan("interactions")
     return f"""
     WITH files AS (
         SELECT *, count(*) OVER (PARTITION BY modelVersionId) AS n_files,
                row_number() OVER (PARTITION BY modelVersionId
                                   ORDER BY "primary" DESC NULLS LAST, fileId) AS rank
         FROM {models}
-    ), usage AS (
-        SELECT modelVersionId, sum(n_rows)::BIGINT AS n_image_rows, count(userHash) AS n_users
-        FROM (SELECT modelVersionId, userHash, count(*) AS n_rows FROM {images} GROUP BY ALL)
-        GROUP BY modelVersionId
+    ), usage AS (  -- one generated_with interaction per (user, LoRA), n_events image rows
+        SELECT item_id AS modelVersionId, sum(n_events)::BIGINT AS n_image_rows,
+               count(*) AS n_users
+        FROM {interactions} WHERE kind = 'generated_with' GROUP BY item_id
     )
     SELECT modelVersionId, modelId, modelName, modelVersionName, baseModel, baseModelType,
            fileId, fileName, lora_name(fileName) AS lora_name, format, fileType, fp, sizeKB,
@@ -188,21 +172,30 @@ class DerivedTable:
     description: str
 
 
+# In build order: users and loras aggregate interactions; image_loras reads loras.
 DERIVED: dict[str, DerivedTable] = {
     t.name: t
     for t in (
         DerivedTable(
+            "interactions",
+            ("userHash", "item_kind", "item_id", "kind"),
+            interactions_sql,
+            ("images", "models"),
+            "User → item events: generated_with (user, LoRA), created (user, image), uploaded "
+            "(user, LoRA). The release carries reaction counts only, so no per-user reactions.",
+        ),
+        DerivedTable(
             "users",
             ("userHash",),
             users_sql,
-            ("images", "models"),
+            ("interactions",),
             "One row per user (images ∪ uploads): activity counts, uploader flag, first/last seen.",
         ),
         DerivedTable(
             "loras",
             ("modelVersionId",),
             loras_sql,
-            ("images", "models"),
+            ("models", "interactions"),
             "One row per LoRA model version: its primary file, tags and trained words as lists, "
             "uploader, and how many image rows and users used it.",
         ),
@@ -221,14 +214,6 @@ DERIVED: dict[str, DerivedTable] = {
             ("images",),
             "Distinct normalised prompts (LoRA tags removed, lower case, whitespace tidied) with "
             "usage counts; prompt_id = first 16 hex of SHA-256 of the normalised text.",
-        ),
-        DerivedTable(
-            "interactions",
-            ("userHash", "item_kind", "item_id", "kind"),
-            interactions_sql,
-            ("images", "models"),
-            "User → item events: generated_with (user, LoRA), created (user, image), uploaded "
-            "(user, LoRA). The release carries reaction counts only, so no per-user reactions.",
         ),
     )
 }

@@ -40,6 +40,7 @@ def test_release_on_s3_lands_cleans_and_derives_into_an_s3_lake(s3, s3_bucket):
     ]
     assert [r.rows_out for r in reports] == [2, 5]
     assert reports[1].reasons == {"non-positive width/height": 1}
+    assert build_derived(con, lake, "interactions") > 0  # users aggregate interactions
     assert build_derived(con, lake, "users") == 2
     assert fs.exists(f"{s3_bucket}/lake/images/{lake.current('images').name}/part-00000.parquet")
     # the rows read back from S3 are the good ones, and the bad one is quarantined with its key

@@ -10,8 +10,9 @@ import pytest
 
 from tests.conftest import run_warehouse
 from tests.factory import image_row, model_row, user_hash, write_release
+from warehouse.lake import Lake
 from warehouse.stats import compute_table1
-from warehouse.tables import DERIVED, duplicate_keys
+from warehouse.tables import DERIVED, build_derived, duplicate_keys
 
 ANN, BOB, CID, DAN, EVE, UPL = (user_hash(n) for n in ("ann", "bob", "cid", "dan", "eve", "upl"))
 DOG_TAGGED = "A Dog,  <lora:lora_1:0.8>, <lora:lora_2> , park"  # image 1 (two LoRAs)
@@ -208,3 +209,21 @@ def test_duplicate_keys_counts_repeated_keys_exactly(wh):
     assert duplicate_keys(wh.con, wh.lake, "dupes_test", ("a",)) == 2  # x, NULL
     wh.lake.write_table("dupes_test", table.slice(1, 3))  # (x,1), (y,1), (NULL,2)
     assert duplicate_keys(wh.con, wh.lake, "dupes_test", ("a", "b")) == 0
+
+
+def test_users_and_loras_need_interactions_built_first(tmp_path, wh):
+    lake = Lake(str(tmp_path / "lake"))
+    for table in ("images", "models"):  # the clean tables alone, no interactions yet
+        lake.write_table(table, wh.lake.read_table(table))
+    assert [DERIVED[n].needs for n in ("users", "loras")] == [
+        ("interactions",),
+        ("models", "interactions"),
+    ]
+    for name in ("users", "loras"):
+        with pytest.raises(FileNotFoundError, match="'interactions' has no committed version"):
+            build_derived(wh.con, lake, name)
+    assert lake.current("users") is None and lake.current("loras") is None
+    # DERIVED is in build order: every table comes after the derived tables it needs
+    order = list(DERIVED)
+    for name, table in DERIVED.items():
+        assert all(order.index(n) < order.index(name) for n in table.needs if n in DERIVED)
