@@ -250,7 +250,7 @@ def _score_texts(con: duckdb.DuckDBPyConnection, spec: CleanSpec, scorer: Toxici
         scorer.create_scores(con, distinct, "_tox")
         return
     con.execute("CREATE OR REPLACE TEMP TABLE _tox (_text VARCHAR, _toxicity DOUBLE)")
-    reader = con.execute(distinct).fetch_record_batch(50_000)
+    reader = con.execute(distinct).to_arrow_reader(50_000)
     for batch in reader:
         texts = batch.column(0).to_pylist()
         chunk = pa.table({"_text": texts, "_toxicity": pa.array(scorer.score(texts), pa.float64())})
