@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from warehouse import civitai_map as cm
 from warehouse.duck import quote
 from warehouse.files import fsync_dir, fsync_tree
-from warehouse.lake import Lake, is_remote
+from warehouse.lake import Lake, is_remote, parquet_writer
 from warehouse.quarantine import QuarantineRecord
 from warehouse.schema import IMAGES, MODELS, ReleaseTable
 
@@ -187,7 +187,7 @@ class _RowSpool:
         )
         self.rows: list[dict[str, Any]] = []
         self.batch_rows = batch_rows
-        self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self.writer = parquet_writer(path, self.schema)
         self.count = 0
 
     def add(self, rows: list[dict[str, Any]], lineage: dict[str, Any]) -> None:
@@ -373,7 +373,7 @@ class _Output:
             nonlocal writer, handle, in_part
             relative = f"{table.name}/part-{len(files):05d}.parquet"
             handle = self._open(relative)
-            writer = pq.ParquetWriter(handle, schema, compression="zstd")
+            writer = parquet_writer(handle, schema)
             files.append(self.final(relative))
             in_part = 0
             return writer

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from warehouse.duck import quote
-from warehouse.lake import Lake
+from warehouse.lake import Lake, parquet_writer
 from warehouse.quarantine import PAYLOAD_MAX_CHARS, QUARANTINE_SCHEMA
 from warehouse.safety import SqlToxicityScorer, ToxicityScorer
 from warehouse.schema import (
@@ -349,7 +349,7 @@ class _Sink:
     def __init__(self, file, schema: pa.Schema) -> None:
         self.schema = schema
         self.path = file if isinstance(file, str) else None
-        self.writer = pq.ParquetWriter(file, schema, compression="zstd", compression_level=1)
+        self.writer = parquet_writer(file, schema)
         self.pending: list[pa.RecordBatch] = []
         self.pending_rows = 0
         self.rows = 0

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from warehouse.lake import Lake, TableVersion, is_remote
+from warehouse.lake import Lake, TableVersion, is_remote, parquet_writer
 from warehouse.progress import Progress
 from warehouse.schema import (
     INGEST_ERROR,
@@ -435,7 +435,7 @@ def land_release_table(
         counters: dict[str, int] = {}
         with (
             lake.fs.open(version.part(unit.index), "wb") as sink,
-            pq.ParquetWriter(sink, schema, compression="zstd", compression_level=1) as writer,
+            parquet_writer(sink, schema) as writer,
         ):
             for batch in iter_landing_batches(
                 unit, table, fs, user_salt, counters=counters, use_threads=use_threads
@@ -462,7 +462,7 @@ def land_release_table(
     with lake.writing(landing_table) as version:
         if not units:  # only zero-row files: commit one empty part, so the table exists
             with lake.fs.open(version.part(0), "wb") as sink:
-                pq.ParquetWriter(sink, schema, compression="zstd").close()
+                parquet_writer(sink, schema).close()
         with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(land_unit, unit, version) for unit in units]
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)

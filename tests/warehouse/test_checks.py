@@ -215,3 +215,24 @@ def test_a_raw_username_in_a_quarantine_payload_fails(run):
     result = checks.raw_usernames_check(run.con, run.lake)
     assert not result.passed
     assert result.offending_values == {"quarantine.payload": 2}
+
+
+@pytest.mark.parametrize(
+    ("value", "offends"),
+    [
+        ("ab" * 32, False),  # 64 lowercase hex: a hash
+        ("AB" * 32, True),  # 64 characters, but upper case
+        ("a" * 63, True),
+        ("a" * 65, True),
+        ("", True),
+        ("a" * 32 + "g" + "a" * 31, True),  # 64 characters, one not hex
+    ],
+)
+def test_payload_user_values_near_the_hash_shape(run, value, offends):
+    # the cheap match/no-match pass that picks payloads to extract from must flag each of these
+    payload = json.dumps({"userHash": "cd" * 32, "item": {"userHash": value}})
+    record = QuarantineRecord("civitai", "crawl", "images", "k=1", "bad page", payload=payload)
+    run.lake.write_table("quarantine/civitai", quarantine_table([record]))
+    result = checks.raw_usernames_check(run.con, run.lake)
+    assert result.passed is not offends
+    assert result.offending_values == ({"quarantine.payload": 1} if offends else {})
