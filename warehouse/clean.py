@@ -28,7 +28,6 @@ from datetime import UTC, datetime
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from warehouse.duck import quote
 from warehouse.lake import Lake, parquet_writer
