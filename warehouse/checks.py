@@ -205,9 +205,7 @@ _PAYLOAD_USER = '"(?:userHash|username)"\\s*:\\s*"([^"]*)"'
 # The same member whose value cannot be a hash: under 64 characters, over 64, or holding a
 # character that is not lowercase hex. A match/no-match scan of every payload, 2x cheaper than
 # extracting every value; values are extracted only from the payloads it flags.
-_PAYLOAD_SUSPECT = (
-    '"(?:userHash|username)"\\s*:\\s*"(?:[^"]{0,63}"|[^"]{65}|[^"]*[^0-9a-f"])'
-)
+_PAYLOAD_SUSPECT = '"(?:userHash|username)"\\s*:\\s*"(?:[^"]{0,63}"|[^"]{65}|[^"]*[^0-9a-f"])'
 
 
 def raw_usernames_check(con: duckdb.DuckDBPyConnection, lake: Lake) -> UsernameCheck:
