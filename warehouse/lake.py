@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import posixpath
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -117,6 +118,53 @@ class Lake:
 
         The one way SQL in this project refers to a lake table (use it in FROM clauses)."""
         return "read_parquet('" + self.glob(table).replace("'", "''") + "')"
+
+    def scan_many(self, tables: list[str]) -> str:
+        """SQL reading the committed versions of several tables of one schema as one
+        (``read_parquet([...], union_by_name)``): the shards of a sharded table."""
+        if not tables:
+            raise ValueError("scan_many needs at least one table")
+        globs = ", ".join("'" + self.glob(t).replace("'", "''") + "'" for t in tables)
+        return f"read_parquet([{globs}], union_by_name = true)"
+
+    def tables_under(self, folder: str) -> list[str]:
+        """The committed tables directly under ``folder`` (``image_embeddings`` →
+        ``image_embeddings/shard-00``, ...), sorted."""
+        base = posixpath.join(self.root, folder.strip("/"))
+        try:
+            entries = self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return []
+        names = sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+        tables = [posixpath.join(folder.strip("/"), n) for n in names if not n.startswith(".")]
+        return [t for t in tables if self.current(t) is not None]
+
+    def parts(self, version: TableVersion) -> list[str]:
+        """The Parquet files of a version, sorted."""
+        return sorted(self.fs.glob(posixpath.join(version.path, "*.parquet")))
+
+    def carry_over(self, source: TableVersion, target: TableVersion) -> int:
+        """Put ``source``'s Parquet files into the (uncommitted) version ``target`` under the
+        same names, and return the next free part index; for tables that grow by appending
+        (a refresh writes only its new rows as new parts). Locally the files are hard-linked
+        (no bytes copied; versions stay immutable since files are never written in place);
+        on object stores they are copied server-side."""
+        parts = self.parts(source)
+        for path in parts:
+            destination = posixpath.join(target.path, posixpath.basename(path))
+            if self.remote:
+                self.fs.copy(path, destination)
+            else:
+                try:
+                    os.link(path, destination)
+                except OSError:  # another filesystem, or links unsupported
+                    shutil.copyfile(path, destination)
+        indices = [
+            int(posixpath.basename(p)[len("part-") : -len(".parquet")])
+            for p in parts
+            if posixpath.basename(p).startswith("part-")
+        ]
+        return max(indices, default=-1) + 1
 
     # -- writing ---------------------------------------------------------------------------
     def new_version(self, table: str) -> TableVersion:

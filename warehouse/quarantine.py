@@ -48,7 +48,11 @@ QUARANTINE_PARTS: tuple[str, ...] = (
     "quarantine/civitai",
     "quarantine/image_files",
     "quarantine/lora_files",
+    "quarantine/prompt_embeddings",
 )
+# Folders whose every table is a quarantine part: sharded steps write one table per shard
+# (``quarantine/image_embeddings/shard-03``), so shards never rewrite each other's rows.
+QUARANTINE_FOLDERS: tuple[str, ...] = ("quarantine/image_embeddings",)
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,11 @@ def quarantine_table(records: Iterable[QuarantineRecord]) -> pa.Table:
 
 
 def present_parts(lake: Any) -> list[str]:
-    """The quarantine parts that have a committed version in ``lake``."""
-    return [p for p in QUARANTINE_PARTS if lake.current(p) is not None]
+    """The quarantine parts that have a committed version in ``lake`` (sharded ones too)."""
+    parts = [p for p in QUARANTINE_PARTS if lake.current(p) is not None]
+    for folder in QUARANTINE_FOLDERS:
+        parts += lake.tables_under(folder)
+    return parts
 
 
 def union_sql(lake: Any) -> str | None:
