@@ -217,7 +217,7 @@ def start_vector_version(
     current = lake.current(table)
     if current is None or table_encoders(con, lake, table) != [encoder]:
         return VectorWriter(lake, version, schema, next_part=0)
-    carried = con.execute(f"SELECT count(*) FROM {lake.scan(table)}").fetchone()[0]
+    carried = con.execute(f"SELECT count(*) FROM {lake.scan(table)}").fetchall()[0][0]
     next_part = lake.carry_over(current, version)
     return VectorWriter(lake, version, schema, next_part=next_part, carried_rows=int(carried))
 
