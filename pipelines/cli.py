@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -192,6 +193,67 @@ def cmd_ui(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def similar_images(
+    resources: PipelineResources, image_id: int | None, text: str | None, k: int
+) -> list[tuple[int, float, str | None]]:
+    """(imageId, cosine similarity, prompt) of the k images nearest to an image or a text,
+    from the latest ``image_index`` (and, for a text, the encoder that made its vectors)."""
+    import tempfile
+
+    from ml.index import VectorIndex, similar_by_id, similar_by_vector
+    from warehouse.artifacts import latest_artifact
+
+    lake = resources.warehouse.lake()
+    artifact = latest_artifact(lake, "image_index")
+    if artifact is None:
+        raise SystemExit("no image index yet: materialize image_index first (make demo)")
+    path = artifact.file("image_index.usearch")
+    scratch = tempfile.mkdtemp(prefix="imagegem-index-")
+    if lake.remote:
+        local = os.path.join(scratch, "image_index.usearch")
+        lake.fs.get(path, local)
+        path = local
+    index = VectorIndex.load(path)
+    if image_id is not None:
+        if image_id not in index:
+            raise SystemExit(
+                f"imageId {image_id} is not in the image index ({len(index):,} images)"
+            )
+        hits = similar_by_id(index, image_id, k)
+    else:
+        encoder = resources.encoder.load(lake, os.path.join(scratch, "encoder"))
+        if encoder.tag != artifact.encoder:
+            raise SystemExit(
+                f"the index holds vectors of {artifact.encoder}, the configured encoder is "
+                f"{encoder.tag}: rematerialize the embeddings"
+            )
+        vector = encoder.encode_token_tensors(encoder.tokenizer([text or ""]))[0].numpy()
+        hits = similar_by_vector(index, vector, k)
+    prompts: dict[int, str] = {}
+    if hits:
+        con = resources.warehouse.duck()
+        ids = ", ".join(str(int(i)) for i, _ in hits)
+        rows = con.execute(
+            f"SELECT imageId, any_value(prompt) FROM {lake.scan('images')} "
+            f"WHERE imageId IN ({ids}) GROUP BY imageId"
+        ).fetchall()
+        prompts = {int(i): p for i, p in rows}
+    return [(int(i), float(sim), prompts.get(int(i))) for i, sim in hits]
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    if (args.image_id is None) == (args.text is None):
+        print("give exactly one of --image-id or --text", file=sys.stderr)
+        return 2
+    rows = similar_images(_resources(), args.image_id, args.text, args.k)
+    width = max((len(str(i)) for i, _, _ in rows), default=7)
+    print(f"{'imageId':>{width}}  cosine  prompt")
+    for image_id, similarity, prompt in rows:
+        text = (prompt or "").replace("\n", " ")
+        print(f"{image_id:>{width}}  {similarity:6.3f}  {text[:90]}")
+    return 0
+
+
 def cmd_fake_civitai(args: argparse.Namespace) -> int:
     from pipelines.civitai.fake_server import run
 
@@ -261,6 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workspace", default="workspace.yaml")
     p.add_argument("dagster", nargs=argparse.REMAINDER, help="more `dagster dev` options")
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser(
+        "similar", help="the images nearest to an image (--image-id) or a text (--text)"
+    )
+    p.add_argument("--image-id", type=int, default=None)
+    p.add_argument("--text", default=None)
+    p.add_argument("--k", type=int, default=10)
+    p.set_defaults(func=cmd_similar)
 
     from pipelines.civitai.fake_server import add_arguments as fake_civitai_arguments
 

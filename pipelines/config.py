@@ -40,6 +40,7 @@ RESOURCE_CLASSES: dict[str, type[dg.ConfigurableResource]] = {
 # set never moves when the code location reloads; windows since then can be backfilled.
 DEFAULT_CRAWL_START = "2026-11-01"
 DEFAULT_LOG_LEVEL = "WARNING"
+DEFAULT_EMBED_SHARDS = 4
 
 
 @dataclass(frozen=True)
@@ -192,16 +193,34 @@ VARIABLES: tuple[Variable, ...] = (
     _m("IMAGEGEM_MEDIA_MAX_SIDE", "max_side", "stored images are shrunk to this longest side"),
     _m("IMAGEGEM_MEDIA_CONCURRENCY", "concurrency", "parallel image downloads (LoRAs: half)"),
     _m("IMAGEGEM_LORA_MAX_MB", "lora_max_mb", "largest LoRA file downloaded, in MB"),
-    # ML stages (declared; the embeddings stage will use them)
-    _e("IMAGEGEM_ENCODER", "encoder", "encoder model config of the ML stages"),
+    # ML stages
+    _e(
+        "IMAGEGEM_ENCODER",
+        "encoder",
+        "CLIP model config of the ML stages: an open_clip name (`ViT-H-14` in production), "
+        "`imagegem-tiny`, or a JSON file",
+    ),
     _e(
         "IMAGEGEM_ENCODER_CHECKPOINT",
         "checkpoint",
-        "local encoder weights (safetensors); unset → the config's seeded initialisation",
+        "local encoder weights (safetensors, or .pt/.bin loaded weights-only); unset → "
+        "`clip_encoder` trains the config on the warehouse's image–prompt pairs",
     ),
     _e("IMAGEGEM_DEVICE", "device", "`auto`, `cpu` or `cuda[:N]` for the ML stages"),
-    _e("IMAGEGEM_PRECISION", "precision", "`fp32`, `fp16` or `bf16` for the ML stages"),
+    _e("IMAGEGEM_PRECISION", "precision", "`fp32`, `fp16` or `bf16` (autocast on CUDA)"),
     _e("IMAGEGEM_BATCH_SIZE", "batch_size", "batch size of the ML stages"),
+    _e("IMAGEGEM_ENCODER_WORKERS", "workers", "processes decoding images for the encoder"),
+    _e(
+        "IMAGEGEM_CLIP_TRAIN_SECONDS",
+        "train_seconds",
+        "wall-time budget of `clip_encoder`'s training when no checkpoint is set",
+    ),
+    Variable(
+        "IMAGEGEM_EMBED_SHARDS",
+        "embeddings stage",
+        "static shards of `image_embeddings` (partitions; fixed when the code location loads)",
+        literal_default=str(DEFAULT_EMBED_SHARDS),
+    ),
     # command line and local tools
     Variable(
         "IMAGEGEM_LOG_LEVEL",
@@ -275,6 +294,20 @@ def resources_from_env(bind_env_vars: bool = True) -> PipelineResources:
 def crawl_start() -> str:
     """The first daily crawl partition: ``IMAGEGEM_CRAWL_START`` or a fixed date."""
     return env("IMAGEGEM_CRAWL_START") or DEFAULT_CRAWL_START
+
+
+def embed_shards() -> int:
+    """How many static shards ``image_embeddings`` is partitioned into."""
+    text = env("IMAGEGEM_EMBED_SHARDS")
+    if text is None:
+        return DEFAULT_EMBED_SHARDS
+    try:
+        shards = int(text)
+    except ValueError:
+        raise ConfigError(f"IMAGEGEM_EMBED_SHARDS={text!r}: expected an integer") from None
+    if not 1 <= shards <= 1000:
+        raise ConfigError(f"IMAGEGEM_EMBED_SHARDS={shards}: expected 1 to 1000")
+    return shards
 
 
 def log_level() -> str:

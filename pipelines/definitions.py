@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from assets import civitai, ingest, media, warehouse
+from assets import civitai, embeddings, ingest, media, warehouse
 from pipelines.config import resources_from_env
 from pipelines.jobs import JOBS
 from pipelines.resources import PipelineResources
@@ -18,6 +18,7 @@ ASSETS = [
     *warehouse.ALL_ASSETS,
     media.image_files,
     media.lora_files,
+    *embeddings.ALL_ASSETS,
 ]
 
 

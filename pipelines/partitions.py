@@ -50,3 +50,15 @@ def today_window(
             f"{windows.start.strftime(WINDOW_FORMAT)}): set IMAGEGEM_CRAWL_START to a past date"
         )
     return key
+
+
+def embedding_shards_def(n_shards: int | None = None) -> dg.StaticPartitionsDefinition:
+    """The static shards of ``image_embeddings`` (``shard-00`` ...): each a separate run that
+    embeds the images whose imageId hashes to it, so shards run in parallel in the ``gpu``
+    pool and a rerun redoes only the shards asked for."""
+    from warehouse.embeddings import shard_names
+
+    return dg.StaticPartitionsDefinition(shard_names(n_shards or config.embed_shards()))
+
+
+embedding_shards = embedding_shards_def()

@@ -4,8 +4,7 @@
   DuckDB is bounded, which source is ingested and how rows are cleaned;
 * :class:`CivitaiResource` (``civitai``) — the Civitai site the crawl and downloads talk to;
 * :class:`MediaResource` (``media``) — what the image and LoRA downloads fetch and keep;
-* :class:`EncoderResource` (``encoder``) — the encoder, checkpoint and device of the ML stages
-  (declared for the embeddings stage; no asset uses it yet).
+* :class:`EncoderResource` (``encoder``) — the encoder, checkpoint and device of the ML stages.
 
 Each is built with plain values (CLI, tests) or, in the code location, bound to environment
 variables as ``dg.EnvVar`` so the UI shows where a value comes from and never the value. The
@@ -158,20 +157,49 @@ class MediaResource(dg.ConfigurableResource):
 
 
 class EncoderResource(dg.ConfigurableResource):
-    """The encoder of the ML stages (embeddings first): which model, from which weights, where.
+    """The encoder of the ML stages: which model, from which weights, on which device.
 
-    Declared now so the stages share one home for these settings; no asset uses it yet.
-    ``encoder`` names a model config of the encoder registry (the tiny configs build offline);
-    ``checkpoint`` is a local weights file (safetensors preferred; unset → the config's own
-    seeded initialisation, recorded as such); ``device`` is ``auto`` (CUDA when available,
-    else CPU), ``cpu`` or ``cuda[:N]``; ``precision`` is ``fp32``, ``fp16`` or ``bf16``.
+    ``encoder`` names a model config of the encoder registry (:mod:`ml.encoders`: an open_clip
+    config name such as ``ViT-H-14``, a shipped config such as ``imagegem-tiny``, or a JSON
+    file). ``checkpoint`` is a local weights file (safetensors preferred); when it is set,
+    ``clip_encoder`` registers it, else ``clip_encoder`` trains the config on the warehouse's
+    (image, prompt) pairs for at most ``train_seconds``. ``device`` is ``auto`` (CUDA when
+    available, else CPU), ``cpu`` or ``cuda[:N]``; ``precision`` (``fp32``, ``fp16``,
+    ``bf16``) applies as autocast on CUDA; ``workers`` decode images in that many processes.
     """
 
-    encoder: str = "tiny"
+    encoder: str = "imagegem-tiny"
     checkpoint: str | None = None
     device: str = "auto"
     precision: str = "fp32"
     batch_size: int = 64
+    workers: int = 1
+    train_seconds: int = 90
+
+    def load(self, lake: Lake, cache_dir: str):
+        """The encoder the embedding assets use: the configured checkpoint, else the latest
+        ``clip_encoder`` artifact of this config. Remote checkpoints are copied to
+        ``cache_dir`` first (by content digest, so each is fetched once)."""
+        from ml.encoders import load_encoder
+        from warehouse.artifacts import latest_artifact
+
+        if self.checkpoint:
+            return load_encoder(self.encoder, self.checkpoint, self.device, self.precision)
+        artifact = latest_artifact(lake, "clip_encoder")
+        if artifact is None or artifact.config.get("model") != self.encoder:
+            raise ValueError(
+                f"no trained encoder for config {self.encoder!r}: materialize clip_encoder "
+                "first (or set IMAGEGEM_ENCODER_CHECKPOINT)"
+            )
+        checkpoint = artifact.file(artifact.config["checkpoint_file"])
+        if lake.remote:
+            digest = artifact.files[artifact.config["checkpoint_file"]]
+            local = os.path.join(cache_dir, f"{digest}.safetensors")
+            if not os.path.exists(local):
+                os.makedirs(cache_dir, exist_ok=True)
+                lake.fs.get(checkpoint, local)
+            checkpoint = local
+        return load_encoder(self.encoder, checkpoint, self.device, self.precision)
 
 
 RESOURCE_KEYS = ("warehouse", "civitai", "media", "encoder")

@@ -2,10 +2,12 @@
 
 Used by ``imagegem demo``, the tests and anyone scripting the pipeline. Runs go through the
 code location's jobs (``imagegem_all``, or ``imagegem_warehouse`` when there is no Civitai
-site to crawl, and ``civitai_refresh`` for extra crawl windows) with the given resources, so
-the Dagster UI lists them under those names. The crawl covers today's window unless other
-windows are given (oldest first; each but the last in its own run, the last together with
-every unpartitioned asset, so the warehouse is built once from all of them).
+site to crawl, ``civitai_refresh`` for extra crawl windows and ``embed_images`` for the image
+shards) with the given resources, so the Dagster UI lists them under those names. The crawl
+covers today's window unless other windows are given (oldest first; each but the last in its
+own run, the last together with every unpartitioned asset up to the image shards, so the
+warehouse is built once from all of them); then every shard of ``image_embeddings`` runs,
+one run each, and last the assets downstream of the shards.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from dataclasses import dataclass
 import dagster as dg
 
 from assets.civitai import crawl_configured
+from assets.embeddings import image_embeddings
 from pipelines.definitions import build_definitions, defs
-from pipelines.jobs import all_assets_job, crawl_job, warehouse_job
-from pipelines.partitions import today_window
+from pipelines.jobs import all_assets_job, crawl_job, embed_images_job, warehouse_job
+from pipelines.partitions import embedding_shards, today_window
 from pipelines.resources import PipelineResources
 
 
@@ -49,7 +52,11 @@ def materialize_runs(
     crawling = crawl_configured(resources.warehouse, resources.civitai)
     job = all_assets_job if crawling else warehouse_job
     job_keys = (job.selection or dg.AssetSelection.all()).resolve(graph)
+    shards_key = image_embeddings.key
+    after_shards = dg.AssetSelection.assets(image_embeddings).downstream().resolve(graph)
     keys = sorted(wanted & job_keys)
+    before = [k for k in keys if k not in after_shards]
+    after = [k for k in keys if k in after_shards and k != shards_key]
     pages = defs.resolve_assets_def("civitai_pages").key
     windows = list(windows) if windows else [today_window()]
     bound = build_definitions(resources)
@@ -64,13 +71,22 @@ def materialize_runs(
                     partition_key=window, **common
                 )
             )
-    results.append(
-        bound.resolve_job_def(job.name).execute_in_process(
-            asset_selection=keys,
-            partition_key=windows[-1] if pages in keys else None,
-            **common,
+    if before:
+        results.append(
+            bound.resolve_job_def(job.name).execute_in_process(
+                asset_selection=before,
+                partition_key=windows[-1] if pages in keys else None,
+                **common,
+            )
         )
-    )
+    if shards_key in wanted:
+        shards = bound.resolve_job_def(embed_images_job.name)
+        for shard in embedding_shards.get_partition_keys():
+            results.append(shards.execute_in_process(partition_key=shard, **common))
+    if after:
+        results.append(
+            bound.resolve_job_def(job.name).execute_in_process(asset_selection=after, **common)
+        )
     return results
 
 
@@ -82,7 +98,7 @@ def materialize_all(
     windows: Sequence[str] | None = None,
     log_level: str | None = None,
 ) -> dg.ExecuteInProcessResult:
-    """:func:`materialize_runs`, returning the last run (the one that built the warehouse)."""
+    """:func:`materialize_runs`, returning the last run."""
     return materialize_runs(resources, instance, selection, raise_on_error, windows, log_level)[-1]
 
 
@@ -178,7 +194,7 @@ def format_summary(rows: Sequence[StageRow]) -> str:
     return "\n".join(out)
 
 
-_STAGE_ORDER = {"ingest": 0, "warehouse": 1, "media": 2}
+_STAGE_ORDER = {"ingest": 0, "warehouse": 1, "media": 2, "embeddings": 3}
 
 
 def format_checks(results: Sequence[dg.ExecuteInProcessResult]) -> str:

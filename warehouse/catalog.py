@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import duckdb
 
+from warehouse.artifacts import artifact_tables
+from warehouse.embeddings import vector_dim, vector_view_sources, vector_view_sql
 from warehouse.lake import Lake
 from warehouse.quarantine import union_sql
 from warehouse.sqlfiles import install_macros
@@ -31,6 +33,8 @@ CATALOG_TABLES = (
     "table1_stats",
     "image_files",
     "lora_files",
+    "prompt_clusters",
+    "embedding_map",
 )
 
 
@@ -66,6 +70,17 @@ def build_catalog(lake: Lake, path: str) -> CatalogReport:
                     continue
                 con.execute(f"CREATE VIEW {table} AS SELECT * FROM {lake.scan(table)}")
                 report.views.append(table)
+            for view, source in vector_view_sources(lake).items():
+                dim = vector_dim(con, source)
+                if dim is None:  # no rows yet: the list type as stored
+                    con.execute(f"CREATE VIEW {view} AS SELECT * FROM {source}")
+                else:
+                    con.execute(f"CREATE VIEW {view} AS {vector_view_sql(source, dim)}")
+                report.views.append(view)
+            artifacts = artifact_tables(lake)
+            if artifacts:
+                con.execute(f"CREATE VIEW artifacts AS SELECT * FROM {lake.scan_many(artifacts)}")
+                report.views.append("artifacts")
             union = union_sql(lake)
             if union:
                 con.execute(f"CREATE VIEW quarantine AS {union}")

@@ -317,3 +317,46 @@ def vector_view_sql(source_sql: str, dim: int) -> str:
     """A catalog view body exposing ``embedding`` as DuckDB's FLOAT[dim] array type, so
     ``array_cosine_similarity`` and friends work directly."""
     return f"SELECT * REPLACE (embedding::FLOAT[{int(dim)}] AS embedding) FROM {source_sql}"
+
+
+def image_base_models(
+    con: duckdb.DuckDBPyConnection, lake: Lake, image_ids: np.ndarray
+) -> np.ndarray:
+    """Per image id, the base model of its first LoRA (lowest modelVersionId with a known
+    LoRA), ``unknown`` when it has none: the colour of the embedding map on real data."""
+    con.register("_map_ids", pa.table({"imageId": pa.array(np.asarray(image_ids), pa.int64())}))
+    try:
+        rows = con.sql(
+            f"""SELECT m.imageId, coalesce(b.baseModel, 'unknown') AS base_model
+            FROM _map_ids m LEFT JOIN (
+                SELECT il.imageId, arg_min(l.baseModel, il.modelVersionId) AS baseModel
+                FROM {lake.scan("image_loras")} il JOIN {lake.scan("loras")} l USING (modelVersionId)
+                GROUP BY il.imageId
+            ) b USING (imageId)"""
+        ).to_arrow_table()
+    finally:
+        con.unregister("_map_ids")
+    lookup = dict(zip(rows.column(0).to_pylist(), rows.column(1).to_pylist(), strict=True))
+    return np.array([lookup[int(i)] for i in np.asarray(image_ids)], dtype=object)
+
+
+# Vector tables of the catalog: view name → (key column, how to find its lake tables).
+VECTOR_VIEWS = ("image_embeddings", "prompt_embeddings", "lora_embeddings")
+
+
+def vector_view_sources(lake: Lake) -> dict[str, str]:
+    """View name → SQL source of every vector table that has data (for the catalog)."""
+    sources: dict[str, str] = {}
+    images = image_embeddings_sql(lake)
+    if images is not None:
+        sources["image_embeddings"] = images
+    for name in (PROMPT_EMBEDDINGS, LORA_EMBEDDINGS):
+        if lake.current(name) is not None:
+            sources[name] = lake.scan(name)
+    return sources
+
+
+def vector_dim(con: duckdb.DuckDBPyConnection, source_sql: str) -> int | None:
+    """The dimension of a vector table's embeddings (None when it has no rows)."""
+    rows = con.execute(f"SELECT len(embedding) FROM {source_sql} LIMIT 1").fetchall()
+    return int(rows[0][0]) if rows else None

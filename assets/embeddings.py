@@ -1,0 +1,562 @@
+"""Embeddings group: the CLIP encoder, image/prompt/LoRA vectors, the ANN index, prompt
+clusters, the embedding map and their evaluation against the sample's planted truth.
+
+Refresh policy (see docs/ARCHITECTURE.md): work that is per item is eager and incremental —
+``image_embeddings`` (per shard), ``prompt_embeddings`` and the small tables derived from
+them follow their inputs and embed only what their encoder has not embedded yet; retrains are
+on a cron — ``clip_encoder`` weekly, ``prompt_clusters`` daily — since refitting them on every
+new day of data would cost far more than the data.
+"""
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+
+from assets.media import image_files
+from assets.warehouse import images
+from ml.plots import histogram_plot, line_plot, png_markdown, scatter_plot
+from pipelines.partitions import embedding_shards
+from pipelines.resources import EncoderResource, WarehouseResource
+from warehouse import embeddings as emb
+from warehouse.artifacts import Artifact, files_dir, record_artifact
+from warehouse.catalog import build_catalog
+from warehouse.preview import markdown_table
+from warehouse.quarantine import QuarantineRecord, quarantine_table
+
+GROUP = "embeddings"
+WEEKLY = dg.AutomationCondition.on_cron("0 3 * * 0")  # retrains: Sunday 03:00 UTC
+DAILY = dg.AutomationCondition.on_cron("0 4 * * *")
+TINY_NOTE = (
+    "made by a tiny development encoder trained on the sample, not a production model: "
+    "figures show the pipeline works, not what ViT-H-14 would give"
+)
+
+
+def _encoder(warehouse: WarehouseResource, encoder: EncoderResource):
+    cache = os.path.join(tempfile.gettempdir(), "imagegem-encoder-cache")
+    return encoder.load(warehouse.lake(), cache)
+
+
+def _tiny_meta(enc) -> dict[str, dg.MetadataValue]:
+    meta: dict[str, dg.MetadataValue] = {
+        "encoder": dg.MetadataValue.text(enc.tag),
+        "tiny_model": dg.MetadataValue.bool(enc.is_tiny),
+    }
+    if enc.is_tiny:
+        meta["note"] = dg.MetadataValue.text(TINY_NOTE)
+    return meta
+
+
+def _plot(png: bytes, alt: str) -> dg.MetadataValue:
+    return dg.MetadataValue.md(png_markdown(png, alt))
+
+
+def _local_files_dir(warehouse: WarehouseResource, name: str, tag: str) -> tuple[str, str]:
+    """(local folder to write an artefact's files in, where they are kept on the lake)."""
+    lake = warehouse.lake()
+    target = files_dir(lake, name, tag)
+    if lake.remote:
+        return tempfile.mkdtemp(prefix=f"imagegem-{name}-"), target
+    os.makedirs(target, exist_ok=True)
+    return target, target
+
+
+def _publish(warehouse: WarehouseResource, local: str, target: str) -> None:
+    """Copy an artefact's files to the lake when the lake is remote (local: already there)."""
+    lake = warehouse.lake()
+    if lake.remote:
+        for name in sorted(os.listdir(local)):
+            lake.fs.put(os.path.join(local, name), f"{target}/{name}")
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[images, image_files],
+    kinds={"pytorch", "safetensors"},
+    pool="gpu",
+    automation_condition=WEEKLY,
+)
+def clip_encoder(
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource, encoder: EncoderResource
+) -> dg.MaterializeResult:
+    """The CLIP encoder every vector of the pipeline comes from, recorded in `artifacts`.
+
+    With IMAGEGEM_ENCODER_CHECKPOINT set, that checkpoint is validated against the config and
+    registered. Otherwise the config (default: the tiny `imagegem-tiny`) is trained with
+    open_clip's contrastive loss on the warehouse's (downloaded image, prompt) pairs for at
+    most IMAGEGEM_CLIP_TRAIN_SECONDS, and saved as safetensors + JSON config; the metadata
+    shows the loss curve and held-out image→prompt Recall@10 against the same architecture at
+    random initialisation."""
+    from ml.train_clip import TrainConfig, save_trained, train_clip
+
+    from ml.encoders import load_encoder
+
+    lake, con = warehouse.lake(), warehouse.duck()
+    if encoder.checkpoint:
+        enc = load_encoder(encoder.encoder, encoder.checkpoint, "cpu")
+        name = os.path.basename(encoder.checkpoint)
+        record_artifact(
+            lake,
+            Artifact(
+                name="clip_encoder",
+                kind="open_clip encoder (configured checkpoint)",
+                tag=enc.tag,
+                path=os.path.dirname(os.path.abspath(encoder.checkpoint)),
+                files={name: enc.checkpoint_sha256 or ""},
+                base_model=enc.name,
+                encoder=enc.tag,
+                config={"model": enc.name, "checkpoint_file": name, **enc.config},
+                tiny_model=enc.is_tiny,
+            ),
+        )
+        return dg.MaterializeResult(
+            metadata={**_tiny_meta(enc), "registered": dg.MetadataValue.path(encoder.checkpoint)}
+        )
+
+    pairs = emb.training_pairs(con, lake)
+    if pairs.num_rows == 0:
+        raise ValueError(
+            "no (image, prompt) pairs to train the encoder on: image_files has no downloaded "
+            "image (serve a Civitai site, e.g. `make demo`, or set IMAGEGEM_ENCODER_CHECKPOINT)"
+        )
+    config = TrainConfig(model=encoder.encoder, time_budget_s=float(encoder.train_seconds))
+    context.log.info(
+        f"training {config.model} on {pairs.num_rows:,} image–prompt pairs for at most "
+        f"{encoder.train_seconds} s"
+    )
+    result = train_clip(
+        list(
+            zip(
+                pairs.column("imageId").to_pylist(),
+                pairs.column("path").to_pylist(),
+                pairs.column("prompt").to_pylist(),
+                strict=True,
+            )
+        ),
+        config,
+        log=context.log,
+    )
+    with tempfile.TemporaryDirectory(prefix="imagegem-clip-") as scratch:
+        checkpoint, config_path, digest = save_trained(result, scratch)
+        tag = f"{config.model}@{digest[:16]}"
+        local, target = _local_files_dir(warehouse, "clip_encoder", tag)
+        for path in (checkpoint, config_path):
+            os.replace(path, os.path.join(local, os.path.basename(path)))
+        _publish(warehouse, local, target)
+    metrics = {
+        "recall_at_10_trained": result.recall_trained,
+        "recall_at_10_init": result.recall_init,
+        "final_loss": result.losses[-1][1] if result.losses else None,
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+        "pairs_train": result.n_train,
+        "pairs_holdout": result.n_holdout,
+        "images_skipped": result.n_skipped,
+    }
+    record_artifact(
+        lake,
+        Artifact(
+            name="clip_encoder",
+            kind="open_clip encoder (trained by clip_encoder)",
+            tag=tag,
+            path=target,
+            files={os.path.basename(checkpoint): digest},
+            base_model=config.model,
+            encoder=tag,
+            config={"model": config.model, "checkpoint_file": os.path.basename(checkpoint)},
+            metrics=metrics,
+            tiny_model=True,
+        ),
+    )
+    steps, losses = zip(*result.losses, strict=True) if result.losses else ((), ())
+    return dg.MaterializeResult(
+        metadata={
+            "encoder": dg.MetadataValue.text(tag),
+            "tiny_model": True,
+            "note": dg.MetadataValue.text(TINY_NOTE),
+            **{k: v for k, v in metrics.items() if v is not None},
+            "checkpoint": dg.MetadataValue.path(f"{target}/{os.path.basename(checkpoint)}"),
+            "loss_curve": _plot(
+                line_plot({"train loss": (steps, losses)}, "CLIP contrastive loss", "step", "loss"),
+                "loss curve",
+            ),
+        }
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[clip_encoder, image_files],
+    partitions_def=embedding_shards,
+    kinds={"pytorch", "parquet"},
+    pool="gpu",
+    automation_condition=dg.AutomationCondition.eager(),
+    output_required=False,
+)
+def image_embeddings(
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource, encoder: EncoderResource
+) -> Iterator[dg.MaterializeResult]:
+    """One L2-normalised vector per downloaded image of this shard, keyed (imageId, encoder).
+    Incremental: only images the current encoder has not embedded are encoded; earlier
+    vectors are carried over. Images that cannot be decoded (empty, truncated, too large, too
+    small, not an image) are quarantined with the reason; the shard still finishes. A shard
+    with nothing new records no materialization."""
+    from ml.embed import embed_images
+
+    shard = emb.shard_index(context.partition_key)
+    n_shards = len(embedding_shards.get_partition_keys())
+    lake, con = warehouse.lake(), warehouse.duck()
+    enc = _encoder(warehouse, encoder)
+    todo = emb.images_to_embed(con, lake, shard, n_shards, enc.tag)
+    table = emb.shard_table(shard)
+    if todo.num_rows == 0 and lake.current(table) is not None:
+        context.log.info(f"{context.partition_key}: nothing new for {enc.tag}; no materialization")
+        return
+    schema = emb.image_embeddings_schema(enc.embed_dim)
+    digests = dict(
+        zip(todo.column("imageId").to_pylist(), todo.column("sha256").to_pylist(), strict=True)
+    )
+    items = list(
+        zip(todo.column("imageId").to_pylist(), todo.column("path").to_pylist(), strict=True)
+    )
+    rejected: list[tuple[int, str]] = []
+    started = time.monotonic()
+    read = None if not lake.remote else lake.fs.cat_file
+    with lake.writing(table) as version:
+        writer = emb.start_vector_version(con, lake, table, version, schema, enc.tag)
+        for batch in embed_images(
+            enc,
+            items,
+            batch_size=encoder.batch_size,
+            num_workers=encoder.workers,
+            read=read,
+            log=context.log,
+        ):
+            rejected.extend(batch.rejected)
+            if len(batch.ids):
+                writer.write(
+                    emb.vectors_table(
+                        schema,
+                        batch.ids.tolist(),
+                        enc.tag,
+                        batch.vectors,
+                        sha256=[digests[i] for i in batch.ids.tolist()],
+                    )
+                )
+    seconds = time.monotonic() - started
+    records = [
+        QuarantineRecord("media", "image_embeddings", "image_files", f"imageId={i}", reason)
+        for i, reason in rejected
+    ]
+    lake.write_table(emb.shard_quarantine_table(shard), quarantine_table(records))
+    reasons: dict[str, int] = {}
+    for _, reason in rejected:
+        key = reason.split(" (")[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    yield dg.MaterializeResult(
+        metadata={
+            **_tiny_meta(enc),
+            "dagster/row_count": writer.carried_rows + writer.rows,
+            "embedded": writer.rows,
+            "carried_over": writer.carried_rows,
+            "quarantined": len(rejected),
+            "quarantine_reasons": dg.MetadataValue.json(reasons),
+            "images_per_second": round(writer.rows / seconds, 1) if seconds > 0 else 0.0,
+            "seconds": round(seconds, 1),
+        }
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[clip_encoder, dg.AssetKey("prompts")],
+    kinds={"pytorch", "parquet"},
+    pool="gpu",
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def prompt_embeddings(
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource, encoder: EncoderResource
+) -> dg.MaterializeResult:
+    """One L2-normalised text vector per distinct normalised prompt (`prompts`), keyed
+    (prompt_id, encoder); incremental like image_embeddings. Texts are deduplicated before
+    encoding; prompts longer than the encoder's context are truncated and counted; empty and
+    non-Latin prompts are embedded."""
+    from ml.embed import embed_texts
+
+    lake, con = warehouse.lake(), warehouse.duck()
+    enc = _encoder(warehouse, encoder)
+    todo = emb.prompts_to_embed(con, lake, enc.tag)
+    schema = emb.prompt_embeddings_schema(enc.embed_dim)
+    started = time.monotonic()
+    with lake.writing(emb.PROMPT_EMBEDDINGS) as version:
+        writer = emb.start_vector_version(
+            con, lake, emb.PROMPT_EMBEDDINGS, version, schema, enc.tag
+        )
+        texts = todo.column("prompt").to_pylist()
+        result = embed_texts(enc, texts, batch_size=max(encoder.batch_size, 256), log=context.log)
+        if todo.num_rows:
+            writer.write(
+                emb.vectors_table(
+                    schema,
+                    todo.column("prompt_id").to_pylist(),
+                    enc.tag,
+                    result.vectors,
+                    truncated=result.truncated.tolist(),
+                )
+            )
+    seconds = time.monotonic() - started
+    return dg.MaterializeResult(
+        metadata={
+            **_tiny_meta(enc),
+            "dagster/row_count": writer.carried_rows + writer.rows,
+            "embedded": writer.rows,
+            "carried_over": writer.carried_rows,
+            "distinct_texts_encoded": result.n_distinct,
+            "truncated_to_context": result.n_truncated,
+            "seconds": round(seconds, 1),
+        }
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[image_embeddings, dg.AssetKey("image_loras"), dg.AssetKey("loras")],
+    kinds={"parquet"},
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def lora_embeddings(
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource, encoder: EncoderResource
+) -> dg.MaterializeResult:
+    """One vector per LoRA version: the re-normalised mean of the normalised vectors of the
+    images that used it (as ImageGem does), with how many images went in. LoRAs none of whose
+    images was embedded get no vector; they are counted, not invented."""
+    lake, con = warehouse.lake(), warehouse.duck()
+    enc = _encoder(warehouse, encoder)
+    means = emb.lora_means(con, lake, enc.tag)
+    schema = emb.lora_embeddings_schema(enc.embed_dim)
+    lake.write_table(
+        emb.LORA_EMBEDDINGS,
+        emb.vectors_table(
+            schema,
+            means.model_version_ids.tolist(),
+            enc.tag,
+            means.vectors,
+            n_images=means.n_images,
+        ),
+    )
+    counts = means.n_images
+    edges = np.unique(np.geomspace(1, max(int(counts.max(initial=1)), 2), 12).astype(int))
+    hist, edges = np.histogram(counts, bins=np.append(edges, edges[-1] + 1))
+    return dg.MaterializeResult(
+        metadata={
+            **_tiny_meta(enc),
+            "dagster/row_count": len(means.model_version_ids),
+            "loras_without_images": means.loras_without_images,
+            "median_images_per_lora": float(np.median(counts)) if len(counts) else 0.0,
+            "images_per_lora": _plot(
+                histogram_plot(
+                    edges, hist, "images per LoRA vector", "images", "LoRAs", log_x=True
+                ),
+                "images per LoRA",
+            ),
+        }
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[image_embeddings],
+    kinds={"usearch"},
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def image_index(
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource, encoder: EncoderResource
+) -> dg.MaterializeResult:
+    """An approximate nearest-neighbour index (usearch HNSW, cosine) over every image vector
+    of the current encoder, saved with a checksum and recorded in `artifacts`; its
+    recall@10 against exact search is measured on held-in queries. Query it with
+    `imagegem similar --image-id ID` or `--text "..."`."""
+    from ml.index import IndexConfig, build_index, recall_at_k
+
+    lake, con = warehouse.lake(), warehouse.duck()
+    enc = _encoder(warehouse, encoder)
+    source = emb.image_embeddings_sql(lake)
+    if source is None:
+        raise ValueError("no image embeddings yet: materialize image_embeddings first")
+    ids, vectors = emb.read_vectors(con, source, "imageId", enc.tag)
+    if len(ids) == 0:
+        raise ValueError(f"no image vectors of encoder {enc.tag}")
+    config = IndexConfig()
+    started = time.monotonic()
+    index = build_index(ids, vectors, config)
+    build_seconds = time.monotonic() - started
+    recall = recall_at_k(index, ids, vectors, k=10, n_queries=min(1000, len(ids)))
+    local, target = _local_files_dir(warehouse, "image_index", enc.tag)
+    index.save(os.path.join(local, "image_index.usearch"))
+    _publish(warehouse, local, target)
+    from ml.encoders.checkpoint import file_sha256
+
+    digest = file_sha256(os.path.join(local, "image_index.usearch"))  # type: ignore[arg-type]
+    record_artifact(
+        lake,
+        Artifact(
+            name="image_index",
+            kind="usearch HNSW index",
+            tag=f"{enc.tag}/{digest[:16]}",
+            path=target,
+            files={"image_index.usearch": digest},
+            base_model=enc.name,
+            encoder=enc.tag,
+            config={**config.__dict__, "n_vectors": int(len(ids)), "dim": int(vectors.shape[1])},
+            metrics={"recall_at_10": recall, "build_seconds": round(build_seconds, 2)},
+            tiny_model=enc.is_tiny,
+        ),
+    )
+    return dg.MaterializeResult(
+        metadata={
+            **_tiny_meta(enc),
+            "dagster/row_count": int(len(ids)),
+            "recall_at_10_vs_exact": round(recall, 4),
+            "build_seconds": round(build_seconds, 2),
+            "index": dg.MetadataValue.path(f"{target}/image_index.usearch"),
+        }
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[prompt_embeddings],
+    kinds={"scikit-learn", "parquet"},
+    automation_condition=DAILY,
+)
+def prompt_clusters(
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource, encoder: EncoderResource
+) -> dg.MaterializeResult:
+    """HDBSCAN (scikit-learn) over the prompt vectors, as ImageGem groups prompts: one cluster
+    id per prompt (−1 = noise). Large inputs take the scaling path (PCA, then a coarse k-means
+    into buckets clustered one by one); the metadata says which path ran."""
+    from ml.clustering import ClusterConfig, cluster_embeddings, size_histogram
+
+    lake, con = warehouse.lake(), warehouse.duck()
+    enc = _encoder(warehouse, encoder)
+    ids, vectors = emb.read_vectors(con, lake.scan(emb.PROMPT_EMBEDDINGS), "prompt_id", enc.tag)
+    result = cluster_embeddings(vectors, ClusterConfig(), log=context.log)
+    lake.write_table(
+        "prompt_clusters",
+        pa.table(
+            {
+                "prompt_id": pa.array(ids.tolist(), pa.string()),
+                "encoder": pa.array([enc.tag] * len(ids), pa.string()),
+                "cluster_id": pa.array(result.labels, pa.int64()),
+            }
+        ),
+    )
+    edges, counts = size_histogram(result)
+    return dg.MaterializeResult(
+        metadata={
+            **_tiny_meta(enc),
+            "dagster/row_count": int(len(ids)),
+            "clusters": int(result.n_clusters),
+            "noise_share": round(float(result.noise_share), 4),
+            "path": result.path,
+            "cluster_sizes": _plot(
+                histogram_plot(
+                    edges,
+                    counts,
+                    "prompt cluster sizes",
+                    "prompts in cluster",
+                    "clusters",
+                    log_y=True,
+                ),
+                "cluster sizes",
+            ),
+        }
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[image_embeddings, dg.AssetKey("image_loras"), dg.AssetKey("loras")],
+    kinds={"scikit-learn"},
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def embedding_map(
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource, encoder: EncoderResource
+) -> dg.MaterializeResult:
+    """A 2-D PCA projection of the image vectors (ImageGem's Figure 2): a PNG coloured by the
+    base model of the image's LoRA, and the coordinates as the table `embedding_map`."""
+    from ml.projection import project_2d
+
+    lake, con = warehouse.lake(), warehouse.duck()
+    enc = _encoder(warehouse, encoder)
+    source = emb.image_embeddings_sql(lake)
+    if source is None:
+        raise ValueError("no image embeddings yet: materialize image_embeddings first")
+    ids, vectors = emb.read_vectors(con, source, "imageId", enc.tag)
+    projection = project_2d(vectors)
+    labels = emb.image_base_models(con, lake, ids)
+    lake.write_table(
+        "embedding_map",
+        pa.table(
+            {
+                "imageId": pa.array(ids, pa.int64()),
+                "encoder": pa.array([enc.tag] * len(ids), pa.string()),
+                "x": pa.array(projection.xy[:, 0]),
+                "y": pa.array(projection.xy[:, 1]),
+                "base_model": pa.array(labels.tolist(), pa.string()),
+            }
+        ),
+    )
+    ratio = projection.explained_variance_ratio
+    return dg.MaterializeResult(
+        metadata={
+            **_tiny_meta(enc),
+            "dagster/row_count": int(len(ids)),
+            "explained_variance": dg.MetadataValue.json([round(float(r), 4) for r in ratio])
+            if ratio is not None
+            else None,
+            "map": _plot(
+                scatter_plot(projection.xy, labels, f"image embeddings (PCA), {enc.tag}"),
+                "embedding map",
+            ),
+        }
+    )
+
+
+EMBEDDING_ASSETS = [
+    clip_encoder,
+    image_embeddings,
+    prompt_embeddings,
+    lora_embeddings,
+    image_index,
+    prompt_clusters,
+    embedding_map,
+]
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[*EMBEDDING_ASSETS],
+    kinds={"duckdb"},
+    pool="warehouse",
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def embeddings_catalog(warehouse: WarehouseResource) -> dg.MaterializeResult:
+    """The warehouse catalog rebuilt with the embeddings stage's views (`image_embeddings`,
+    `prompt_embeddings`, `lora_embeddings` with FLOAT[d] vectors, `prompt_clusters`,
+    `embedding_map`, `artifacts`), so SQL can join vectors to images, prompts and LoRAs."""
+    report = build_catalog(warehouse.lake(), warehouse.catalog_path())
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(report.path),
+            "views": dg.MetadataValue.md(markdown_table(["view"], [[v] for v in report.views])),
+        }
+    )
+
+
+ALL_ASSETS = [*EMBEDDING_ASSETS, embeddings_catalog]
