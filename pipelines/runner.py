@@ -23,6 +23,7 @@ from pipelines.definitions import build_definitions, defs
 from pipelines.jobs import all_assets_job, crawl_job, embed_images_job, warehouse_job
 from pipelines.partitions import embedding_shards, today_window
 from pipelines.resources import PipelineResources
+from warehouse.artifacts import latest_artifact
 
 
 def _run_config(log_level: str | None) -> dict:
@@ -79,6 +80,13 @@ def materialize_runs(
                 **common,
             )
         )
+    # The shards and what follows them need an encoder: a configured checkpoint, or the one
+    # clip_encoder trained (it records no materialization when there was nothing to train on).
+    encoder_ready = bool(resources.encoder.checkpoint) or (
+        latest_artifact(resources.warehouse.lake(), "clip_encoder") is not None
+    )
+    if not encoder_ready:
+        return results
     if shards_key in wanted:
         shards = bound.resolve_job_def(embed_images_job.name)
         for shard in embedding_shards.get_partition_keys():

@@ -14,6 +14,7 @@ import pytest
 from assets.civitai import civitai_pages
 from pipelines.civitai.crawler import window_state
 from pipelines.civitai.fake_server import serve_sample
+from pipelines.jobs import WAREHOUSE_AND_MEDIA
 from pipelines.resources import CivitaiResource, PipelineResources, WarehouseResource
 from pipelines.runner import materialize_all
 from pipelines.sample.generator import SampleSpec, generate_sample
@@ -57,7 +58,9 @@ def test_crawl_gives_the_same_clean_tables_as_the_release(sample, direct, tmp_pa
     ) as server:
         settings = WarehouseResource(home=str(tmp_path / "home"), source="civitai")
         civitai = CivitaiResource(base_url=server.url, rate_limit=0)
-        result = materialize_all(PipelineResources(settings, civitai))
+        result = materialize_all(
+            PipelineResources(settings, civitai), selection=WAREHOUSE_AND_MEDIA
+        )
     assert result.success
     assert result.dagster_run.job_name == "imagegem_all"
     pages = result.asset_materializations_for_node("civitai_pages")

@@ -8,6 +8,7 @@ import hashlib
 import pytest
 
 from pipelines.civitai.fake_server import serve_sample
+from pipelines.jobs import WAREHOUSE_AND_MEDIA
 from pipelines.resources import (
     CivitaiResource,
     MediaResource,
@@ -32,8 +33,8 @@ def run(tmp_path_factory):
             CivitaiResource(base_url=server.url, rate_limit=0),
             MediaResource(max_images=400),
         )
-        first = materialize_all(resources)
-        second = materialize_all(resources)
+        first = materialize_all(resources, selection=WAREHOUSE_AND_MEDIA)
+        second = materialize_all(resources, selection=WAREHOUSE_AND_MEDIA)
     return settings, first, second
 
 
