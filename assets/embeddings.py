@@ -8,6 +8,7 @@ on a cron — ``clip_encoder`` weekly, ``prompt_clusters`` daily — since refit
 new day of data would cost far more than the data.
 """
 
+import json
 import os
 import tempfile
 import time
@@ -23,7 +24,7 @@ from ml.plots import histogram_plot, line_plot, png_markdown, scatter_plot
 from pipelines.partitions import embedding_shards
 from pipelines.resources import EncoderResource, WarehouseResource
 from warehouse import embeddings as emb
-from warehouse.artifacts import Artifact, files_dir, record_artifact
+from warehouse.artifacts import Artifact, files_dir, latest_artifact, record_artifact
 from warehouse.catalog import build_catalog
 from warehouse.preview import markdown_table
 from warehouse.quarantine import QuarantineRecord, quarantine_table
@@ -149,14 +150,18 @@ def clip_encoder(
             os.replace(path, os.path.join(local, os.path.basename(path)))
         _publish(warehouse, local, target)
     metrics = {
-        "recall_at_10_trained": result.recall_trained,
-        "recall_at_10_init": result.recall_init,
-        "final_loss": result.losses[-1][1] if result.losses else None,
+        "recall_at_10_trained": round(result.recall_at_10, 4),
+        "recall_at_10_init": round(result.init_recall_at_10, 4),
+        "chance_recall_at_10": round(min(1.0, 10 / max(result.n_holdout_prompts, 1)), 4),
+        "final_loss": round(result.loss_curve[-1][1], 4) if result.loss_curve else None,
         "steps": result.steps,
+        "steps_per_second": round(result.steps_per_s, 2),
+        "stop_reason": result.stop_reason,
         "seconds": round(result.seconds, 1),
         "pairs_train": result.n_train,
         "pairs_holdout": result.n_holdout,
-        "images_skipped": result.n_skipped,
+        "pairs_skipped": sum(result.skipped.values()),
+        "holdout_fraction": config.holdout_fraction,
     }
     record_artifact(
         lake,
@@ -168,12 +173,18 @@ def clip_encoder(
             files={os.path.basename(checkpoint): digest},
             base_model=config.model,
             encoder=tag,
-            config={"model": config.model, "checkpoint_file": os.path.basename(checkpoint)},
+            config={
+                "model": config.model,
+                "checkpoint_file": os.path.basename(checkpoint),
+                "holdout_fraction": config.holdout_fraction,
+                "seed": config.seed,
+            },
             metrics=metrics,
             tiny_model=True,
         ),
     )
-    steps, losses = zip(*result.losses, strict=True) if result.losses else ((), ())
+    steps, losses = zip(*result.loss_curve, strict=True) if result.loss_curve else ((), ())
+    eval_steps, recalls = zip(*result.eval_curve, strict=True) if result.eval_curve else ((), ())
     return dg.MaterializeResult(
         metadata={
             "encoder": dg.MetadataValue.text(tag),
@@ -184,6 +195,15 @@ def clip_encoder(
             "loss_curve": _plot(
                 line_plot({"train loss": (steps, losses)}, "CLIP contrastive loss", "step", "loss"),
                 "loss curve",
+            ),
+            "holdout_recall_curve": _plot(
+                line_plot(
+                    {"held-out image→prompt Recall@10": (eval_steps, recalls)},
+                    "held-out Recall@10 (step 0 = random init)",
+                    "step",
+                    "Recall@10",
+                ),
+                "recall curve",
             ),
         }
     )
@@ -250,10 +270,23 @@ def image_embeddings(
                 )
     seconds = time.monotonic() - started
     records = [
-        QuarantineRecord("media", "image_embeddings", "image_files", f"imageId={i}", reason)
+        QuarantineRecord(
+            "media",
+            "image_embeddings",
+            "image_files",
+            f"imageId={i}",
+            reason,
+            payload=json.dumps({"imageId": i, "sha256": digests[i]}),
+        )
         for i, reason in rejected
     ]
-    lake.write_table(emb.shard_quarantine_table(shard), quarantine_table(records))
+    standing = emb.rejected_images(lake, shard, retried=set(digests))
+    new_rows = quarantine_table(records)
+    if standing:
+        new_rows = pa.concat_tables(
+            [pa.Table.from_pylist(standing, schema=new_rows.schema), new_rows]
+        )
+    lake.write_table(emb.shard_quarantine_table(shard), new_rows)
     reasons: dict[str, int] = {}
     for _, reason in rejected:
         key = reason.split(" (")[0]
@@ -528,6 +561,73 @@ def embedding_map(
     )
 
 
+@dg.asset(
+    group_name=GROUP,
+    deps=[image_embeddings, prompt_embeddings, prompt_clusters],
+    kinds={"python"},
+    automation_condition=dg.AutomationCondition.eager(),
+    output_required=False,
+)
+def embedding_eval(
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource, encoder: EncoderResource
+) -> Iterator[dg.MaterializeResult]:
+    """Quality of the stage against the sample's planted truth (evaluation code only; no
+    model reads it): k-NN (k = 10) planted-style accuracy of held-out image vectors, trained
+    vs the same architecture at random init; k-NN style accuracy of prompt vectors; adjusted
+    Rand index of the prompt clusters against planted recipes and styles, and the noise
+    share. Records nothing on data without truth (a release, the live crawl)."""
+    from ml.train_clip import holdout_mask
+
+    from ml.embed import embed_images
+    from ml.encoders import load_encoder
+    from ml.evaluation.embedding_quality import evaluate_embeddings
+
+    truth = os.path.join(warehouse.sample_dir(), "truth")
+    if not os.path.isdir(truth):
+        context.log.info(f"no planted truth at {truth}: nothing to evaluate, no materialization")
+        return
+    lake, con = warehouse.lake(), warehouse.duck()
+    enc = _encoder(warehouse, encoder)
+    trained = latest_artifact(lake, "clip_encoder", tag=enc.tag)
+    fraction = float((trained.config if trained else {}).get("holdout_fraction", 0.1))
+    paths = dict(
+        con.execute(
+            f"SELECT imageId, path FROM {lake.scan('image_files')} WHERE status = 'ok'"
+        ).fetchall()
+    )
+
+    def init_vectors(ids: np.ndarray) -> np.ndarray:
+        init = load_encoder(
+            enc.name, None, "cpu", seed=int((trained.config if trained else {}).get("seed", 0))
+        )
+        out = {}
+        items = [(int(i), paths[int(i)]) for i in ids]
+        for batch in embed_images(init, items, batch_size=encoder.batch_size):
+            out.update(zip(batch.ids.tolist(), batch.vectors, strict=True))
+        return np.stack([out[int(i)] for i in ids])
+
+    quality = evaluate_embeddings(
+        con,
+        lake,
+        warehouse.sample_dir(),
+        enc.tag,
+        holdout=lambda ids: holdout_mask(ids.tolist(), fraction),
+        init_image_vectors=init_vectors,
+    )
+    figures = {
+        k: v for k, v in quality.as_dict().items() if not (isinstance(v, float) and np.isnan(v))
+    }
+    yield dg.MaterializeResult(
+        metadata={
+            **_tiny_meta(enc),
+            **{k: v for k, v in figures.items() if k != "encoder"},
+            "report": dg.MetadataValue.md(
+                markdown_table(["measure", "value"], [[k, v] for k, v in figures.items()])
+            ),
+        }
+    )
+
+
 EMBEDDING_ASSETS = [
     clip_encoder,
     image_embeddings,
@@ -536,6 +636,7 @@ EMBEDDING_ASSETS = [
     image_index,
     prompt_clusters,
     embedding_map,
+    embedding_eval,
 ]
 
 

@@ -134,16 +134,33 @@ def images_to_embed(
     con: duckdb.DuckDBPyConnection, lake: Lake, shard: int, n_shards: int, encoder: str
 ) -> pa.Table:
     """(imageId, sha256, path) of the shard's downloaded images that ``encoder`` has not
-    embedded yet, by imageId. Empty when nothing was downloaded."""
+    embedded yet and that were not already rejected with the same content (an image whose
+    bytes cannot be decoded stays in the shard's quarantine until a new download changes
+    them), by imageId. Empty when nothing was downloaded."""
     if lake.current("image_files") is None:
         return pa.table({"imageId": pa.array([], pa.int64()), "sha256": [], "path": []})
     done = _embedded_ids(lake, shard_table(shard), "imageId", encoder)
     skip = f"AND imageId NOT IN ({done})" if done else ""
+    rejected = shard_quarantine_table(shard)
+    if lake.current(rejected) is not None:
+        skip += (
+            " AND (imageId, sha256) NOT IN (SELECT CAST(payload->>'imageId' AS BIGINT), "
+            f"payload->>'sha256' FROM {lake.scan(rejected)})"
+        )
     return con.sql(
         f"""SELECT imageId, sha256, path FROM {lake.scan("image_files")}
         WHERE status = 'ok' AND {shard_sql("imageId", n_shards)} = {int(shard)} {skip}
         ORDER BY imageId"""
     ).to_arrow_table()
+
+
+def rejected_images(lake: Lake, shard: int, retried: set[int]) -> list[dict]:
+    """The shard's earlier quarantine rows that still stand (their image was not retried)."""
+    table = shard_quarantine_table(shard)
+    if lake.current(table) is None:
+        return []
+    rows = lake.read_table(table).to_pylist()
+    return [r for r in rows if int(r["record_key"].split("=", 1)[1]) not in retried]
 
 
 def prompts_to_embed(con: duckdb.DuckDBPyConnection, lake: Lake, encoder: str) -> pa.Table:
