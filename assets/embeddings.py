@@ -93,9 +93,8 @@ def clip_encoder(
     most IMAGEGEM_CLIP_TRAIN_SECONDS, and saved as safetensors + JSON config; the metadata
     shows the loss curve and held-out image→prompt Recall@10 against the same architecture at
     random initialisation."""
-    from ml.train_clip import TrainConfig, save_trained, train_clip
-
     from ml.encoders import load_encoder
+    from ml.train_clip import TrainConfig, save_trained, train_clip
 
     lake, con = warehouse.lake(), warehouse.duck()
     if encoder.checkpoint:
@@ -576,15 +575,19 @@ def embedding_eval(
     vs the same architecture at random init; k-NN style accuracy of prompt vectors; adjusted
     Rand index of the prompt clusters against planted recipes and styles, and the noise
     share. Records nothing on data without truth (a release, the live crawl)."""
-    from ml.train_clip import holdout_mask
-
     from ml.embed import embed_images
     from ml.encoders import load_encoder
     from ml.evaluation.embedding_quality import evaluate_embeddings
+    from ml.train_clip import holdout_mask
 
-    truth = os.path.join(warehouse.sample_dir(), "truth")
-    if not os.path.isdir(truth):
-        context.log.info(f"no planted truth at {truth}: nothing to evaluate, no materialization")
+    roots = [warehouse.sample_dir()]
+    if warehouse.source == "release" and warehouse.release_path:
+        roots.insert(0, warehouse.release_path)
+    sample_root = next((r for r in roots if os.path.isdir(os.path.join(r, "truth"))), None)
+    if sample_root is None:
+        context.log.info(
+            f"no planted truth under {' or '.join(roots)}: nothing to evaluate, no materialization"
+        )
         return
     lake, con = warehouse.lake(), warehouse.duck()
     enc = _encoder(warehouse, encoder)
@@ -609,7 +612,7 @@ def embedding_eval(
     quality = evaluate_embeddings(
         con,
         lake,
-        warehouse.sample_dir(),
+        sample_root,
         enc.tag,
         holdout=lambda ids: holdout_mask(ids.tolist(), fraction),
         init_image_vectors=init_vectors,
@@ -642,7 +645,8 @@ EMBEDDING_ASSETS = [
 
 @dg.asset(
     group_name=GROUP,
-    deps=[*EMBEDDING_ASSETS],
+    # not embedding_eval: it records nothing on data without truth, which would skip this
+    deps=[a for a in EMBEDDING_ASSETS if a is not embedding_eval],
     kinds={"duckdb"},
     pool="warehouse",
     automation_condition=dg.AutomationCondition.eager(),
