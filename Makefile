@@ -12,7 +12,7 @@ export IMAGEGEM_HOME ?= $(CURDIR)/data
 # The Dagster instance is this folder: ./dagster.yaml keeps runs and logs under .dagster/.
 export DAGSTER_HOME  ?= $(CURDIR)
 
-.PHONY: demo test ui bench bench-crawl fake-civitai lint install lock clean
+.PHONY: demo test ui bench bench-crawl bench-embed bench-clusters gpu-check fake-civitai lint install lock clean
 
 # Installs exactly the locked set (requirements.lock, made by `make lock` from pyproject.toml)
 # with uv: no resolution at install time, parallel downloads.
@@ -49,6 +49,18 @@ ui: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/imagegem bench --work bench/out
 
+## bench-embed: images/s of the image_embeddings path vs a bare model loop (3 runs, median)
+bench-embed: $(STAMP)
+	$(BIN)/python -m pipelines.bench_embed
+
+## bench-clusters: the prompt-clustering scaling path at 2.9M x 1024 synthetic vectors
+bench-clusters: $(STAMP)
+	$(BIN)/python -m pipelines.bench_clusters
+
+## gpu-check: ViT-H-14 (random init) image embedding at bf16 on a CUDA machine: images/s, memory
+gpu-check: $(STAMP)
+	$(BIN)/python -m pipelines.gpu_check
+
 ## bench-crawl: crawl the local fake Civitai at R = 20 and 100 requests/s; achieved rate, duplicates
 bench-crawl: $(STAMP)
 	$(BIN)/python -m pipelines.civitai.bench
@@ -63,4 +75,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf data .dagster bench/out logs .logs_queue .nux
+	rm -rf data .dagster bench/out bench/embed logs .logs_queue .nux
