@@ -298,3 +298,17 @@ def test_demo_prints_progress_a_summary_and_where_to_look(tmp_path, monkeypatch)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     with dg.DagsterInstance.get() as instance:
         assert [r.job_name for r in instance.get_runs()] == ["imagegem_all"]
+
+
+def test_similar_needs_exactly_one_query(home):
+    both = cli("similar", "--image-id", "1", "--text", "a dog", home=home)
+    neither = cli("similar", home=home)
+    assert both.returncode == neither.returncode == 2
+    assert "exactly one of --image-id or --text" in both.stderr
+
+
+def test_similar_without_an_index_says_what_to_run(home):
+    # this home was built without a Civitai site: no images downloaded, no index
+    result = cli("similar", "--image-id", "1", home=home)
+    assert result.returncode != 0
+    assert "no image index yet: materialize image_index first" in result.stderr
