@@ -124,7 +124,11 @@ def clip_encoder(
             "no (image, prompt) pairs to train the encoder on: image_files has no downloaded "
             "image (serve a Civitai site, e.g. `make demo`, or set IMAGEGEM_ENCODER_CHECKPOINT)"
         )
-    config = TrainConfig(model=encoder.encoder, time_budget_s=float(encoder.train_seconds))
+    # a small warehouse (a test, a first day) still trains: at least four batches per epoch
+    batch = min(TrainConfig.batch_size, max(8, pairs.num_rows // 4))
+    config = TrainConfig(
+        model=encoder.encoder, time_budget_s=float(encoder.train_seconds), batch_size=batch
+    )
     context.log.info(
         f"training {config.model} on {pairs.num_rows:,} image–prompt pairs for at most "
         f"{encoder.train_seconds} s"

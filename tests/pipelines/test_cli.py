@@ -271,6 +271,8 @@ def test_demo_prints_progress_a_summary_and_where_to_look(tmp_path, monkeypatch)
         "IMAGEGEM_HOME": str(tmp_path / "data"),
         "IMAGEGEM_SAMPLE_USERS": "40",
         "IMAGEGEM_MEDIA_MAX_IMAGES": "100",
+        "IMAGEGEM_CLIP_TRAIN_SECONDS": "5",
+        "IMAGEGEM_EMBED_SHARDS": "2",
     }
     out = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "demo"],
@@ -285,9 +287,21 @@ def test_demo_prints_progress_a_summary_and_where_to_look(tmp_path, monkeypatch)
     text = out.stdout + out.stderr
     assert " - DEBUG - " not in text and "STEP_START" not in text
     assert " - INFO - imagegem_all - " in text  # Dagster's progress lines, at INFO
-    assert "Summary: 1 run(s) of imagegem_all" in out.stdout
+    # the graph, one run per image shard, then what follows the shards
+    assert "Summary: 4 run(s) of embed_images, imagegem_all" in out.stdout
     summary = out.stdout.split("Summary:", 1)[1]
-    for asset in ("civitai_pages [", "images", "image_files", "lora_files", "warehouse_catalog"):
+    for asset in (
+        "civitai_pages [",
+        "images",
+        "image_files",
+        "lora_files",
+        "warehouse_catalog",
+        "clip_encoder",
+        "image_embeddings [shard-00]",
+        "image_embeddings [shard-01]",
+        "image_index",
+        "embeddings_catalog",
+    ):
         assert asset in summary
     assert "asset checks:" in summary and ", 0 failed" in summary
     assert (
@@ -297,7 +311,8 @@ def test_demo_prints_progress_a_summary_and_where_to_look(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)  # the instance's paths are relative to where Dagster runs
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     with dg.DagsterInstance.get() as instance:
-        assert [r.job_name for r in instance.get_runs()] == ["imagegem_all"]
+        jobs = [r.job_name for r in instance.get_runs()]  # newest first
+        assert jobs == ["imagegem_all", "embed_images", "embed_images", "imagegem_all"]
 
 
 def test_similar_needs_exactly_one_query(home):
