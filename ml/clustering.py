@@ -72,6 +72,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from warehouse.progress import Progress
+
 PATH_DIRECT = "direct"
 PATH_BUCKETS = "pca+buckets"
 SELECTION_METHODS = ("eom", "leaf")
@@ -363,7 +365,7 @@ def reduce_dimensions(
             100 * float(pca.explained_variance_ratio_.sum()),
         )
     out = np.empty((n, out_dims), dtype=np.float32)
-    progress = Progress(log, "reduce", n, unit="rows")
+    progress = Progress("reduce (rows)", n, log, every_s=10.0)
     for start, stop in _blocks(n, config.block_rows):
         block = np.asarray(vectors[start:stop], dtype=np.float32)
         _check_finite(block, start)
@@ -372,7 +374,7 @@ def reduce_dimensions(
             np.matmul(block, components, out=out[start:stop])
         else:
             out[start:stop] = block
-        progress.update(stop - start)
+        progress.advance(stop - start)
     return out
 
 
@@ -481,48 +483,6 @@ def merge_split_clusters(
 
 
 # -- progress -------------------------------------------------------------------------------------
-
-
-class Progress:
-    """Logs ``what: done/total (pct), rate/s, ETA`` every ``every_s`` seconds at most, and at the end.
-
-    Long loops (2.9M rows reduced block by block, ~700 bucket HDBSCANs) run for minutes; the
-    asset's log should say how far they are and when they will be done.
-    """
-
-    def __init__(
-        self,
-        log: logging.Logger,
-        what: str,
-        total: int,
-        unit: str = "items",
-        every_s: float = 10.0,
-        clock: Callable[[], float] = time.perf_counter,
-    ) -> None:
-        self.log, self.what, self.total, self.unit, self.every_s = log, what, total, unit, every_s
-        self.clock = clock
-        self.done = 0
-        self.started = self.last = clock()
-
-    def update(self, count: int = 1) -> None:
-        self.done += count
-        now = self.clock()
-        if self.done < self.total and now - self.last < self.every_s:
-            return
-        self.last = now
-        elapsed = max(now - self.started, 1e-9)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        self.log.info(
-            "%s: %s/%s %s (%.0f %%), %s/s, ETA %.0fs",
-            self.what,
-            f"{self.done:,}",
-            f"{self.total:,}",
-            self.unit,
-            100 * self.done / max(self.total, 1),
-            f"{rate:,.1f}",
-            eta,
-        )
 
 
 # -- internals ------------------------------------------------------------------------------------
@@ -701,7 +661,7 @@ def _cluster_buckets(
         list(range(n_buckets)),
         counts,
         config.n_jobs,
-        Progress(log, "HDBSCAN", n_buckets, unit="buckets"),
+        Progress("HDBSCAN (buckets)", n_buckets, log, every_s=10.0),
     )
     labels = _assemble(results, order, bounds, reduced.shape[0])
     noisy = [
@@ -723,7 +683,7 @@ def _cluster_buckets(
         noisy,
         counts,
         config.n_jobs,
-        Progress(log, "HDBSCAN, second pass", len(noisy), unit="buckets"),
+        Progress("HDBSCAN second pass (buckets)", len(noisy), log, every_s=10.0),
     )
     taken = 0
     for bucket, local in zip(noisy, again, strict=True):
@@ -750,13 +710,13 @@ def _run_buckets(
     if n_jobs == 1:
         for i in schedule:
             results[i] = run(todo[i])
-            progress.update()
+            progress.advance()
     else:
         with ThreadPoolExecutor(max_workers=n_jobs) as pool:
             futures = {i: pool.submit(run, todo[i]) for i in schedule}
             for i in schedule:
                 results[i] = futures[i].result()
-                progress.update()
+                progress.advance()
     return [r for r in results if r is not None]
 
 

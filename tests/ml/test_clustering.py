@@ -14,7 +14,6 @@ from ml.clustering import (
     PATH_DIRECT,
     ClusterConfig,
     ClusterResult,
-    Progress,
     assign_buckets,
     cluster_embeddings,
     reduce_dimensions,
@@ -398,30 +397,12 @@ def test_size_histogram_of_no_clusters_and_of_equal_sizes():
         size_histogram(result, bins=0)
 
 
-def test_progress_logs_count_rate_and_eta(caplog):
-    now = [0.0]
-    log = logging.getLogger("test.clustering.progress")
-    progress = Progress(log, "buckets", 100, unit="buckets", every_s=10.0, clock=lambda: now[0])
-    with caplog.at_level(logging.INFO, logger=log.name):
-        now[0] = 1.0
-        progress.update(10)  # 1 s since the start: not yet
-        now[0] = 20.0
-        progress.update(30)  # 40 done in 20 s: 2/s, 60 left → 30 s
-        now[0] = 21.0
-        progress.update(60)  # the last one always logs
-    messages = [r.getMessage() for r in caplog.records]
-    assert messages == [
-        "buckets: 40/100 buckets (40 %), 2.0/s, ETA 30s",
-        "buckets: 100/100 buckets (100 %), 4.8/s, ETA 0s",
-    ]
-
-
 def test_cluster_embeddings_reports_progress_on_the_given_logger(caplog):
     x, _ = planted_blobs()
     log = logging.getLogger("test.clustering.run")
     with caplog.at_level(logging.INFO, logger=log.name):
         cluster_embeddings(x, ClusterConfig(**BUCKETED), log)
     ours = [r.getMessage() for r in caplog.records if r.name == log.name]
-    assert any(m.startswith("HDBSCAN: ") and "ETA" in m for m in ours)
-    assert any(m.startswith("reduce: 1,800/1,800 rows") for m in ours)
+    assert any(m.startswith("HDBSCAN (buckets): ") and "ETA" in m for m in ours)
+    assert any(m.startswith("reduce (rows): 1,800/1,800") for m in ours)
     assert any("pca+buckets" in m for m in ours)

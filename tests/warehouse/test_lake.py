@@ -59,3 +59,24 @@ def test_orphan_of_a_killed_run_is_pruned_and_old_versions_bounded(tmp_path):
     assert len(names) == KEEP_VERSIONS
     assert orphan.name not in names
     assert lake.read_table("t").column("a").to_pylist() == [4]
+
+
+def test_progress_logs_count_rate_and_eta_and_always_the_last_line(caplog):
+    import logging
+
+    from warehouse.progress import Progress
+
+    now = [0.0]
+    log = logging.getLogger("test.progress")
+    progress = Progress("buckets", 100, log, every_s=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger=log.name):
+        now[0] = 1.0
+        progress.advance(10)  # 1 s since the start: not yet
+        now[0] = 20.0
+        progress.advance(30)  # 40 done in 20 s: 2/s, 60 left → 30 s
+        now[0] = 21.0
+        progress.advance(60)  # the total is reached: always logged
+    assert [r.getMessage() for r in caplog.records] == [
+        "buckets: 40/100 (40%), 2/s, ETA 30s",
+        "buckets: 100/100 (100%), 5/s, ETA 0s",
+    ]
