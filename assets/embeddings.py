@@ -581,7 +581,7 @@ def embedding_eval(
     share. Records nothing on data without truth (a release, the live crawl)."""
     from ml.embed import embed_images
     from ml.encoders import load_encoder
-    from ml.evaluation.embedding_quality import evaluate_embeddings
+    from ml.evaluation.embedding_quality import evaluate_embeddings, style_map
     from ml.train_clip import holdout_mask
 
     roots = [warehouse.sample_dir()]
@@ -624,10 +624,12 @@ def embedding_eval(
     figures = {
         k: v for k, v in quality.as_dict().items() if not (isinstance(v, float) and np.isnan(v))
     }
+    by_style = style_map(con, lake, sample_root, enc.tag)
     yield dg.MaterializeResult(
         metadata={
             **_tiny_meta(enc),
             **{k: v for k, v in figures.items() if k != "encoder"},
+            **({"map_by_planted_style": _plot(by_style, "map by style")} if by_style else {}),
             "report": dg.MetadataValue.md(
                 markdown_table(["measure", "value"], [[k, v] for k, v in figures.items()])
             ),

@@ -137,3 +137,28 @@ def evaluate_embeddings(
         cluster_noise_share=noise,
         n_clusters=n_clusters,
     )
+
+
+def style_map(
+    con: duckdb.DuckDBPyConnection, lake: Lake, sample_root: str, encoder: str
+) -> bytes | None:
+    """The embedding map (2-D PCA of the image vectors) coloured by each image's planted
+    style — what the encoder learnt, seen against the truth (ImageGem's Figure 2 on the
+    sample). None when there are no image vectors."""
+    from ml.plots import scatter_plot
+    from ml.projection import project_2d
+
+    source = image_embeddings_sql(lake)
+    if source is None:
+        return None
+    ids, vectors = read_vectors(con, source, "imageId", encoder)
+    styles = _label_lookup(
+        ids, read_truth(sample_root, "image_media", ["imageId", "style"]), "imageId", "style"
+    )
+    known = styles != None  # noqa: E711
+    if known.sum() < 3:
+        return None
+    projection = project_2d(vectors[known])
+    return scatter_plot(
+        projection.xy, styles[known].astype(str), f"image embeddings by planted style, {encoder}"
+    )

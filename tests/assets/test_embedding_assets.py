@@ -152,6 +152,7 @@ def test_evaluation_reports_quality_against_truth(stage):
     assert 0.0 <= meta["image_style_knn"].value <= 1.0
     assert 0.0 <= meta["image_style_knn_init"].value <= 1.0
     assert meta["prompts"].value > 0
+    assert "data:image/png;base64," in meta["map_by_planted_style"].value
 
 
 def test_a_damaged_image_is_quarantined_and_the_shard_finishes(stage, tmp_path):
