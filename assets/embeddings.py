@@ -421,12 +421,7 @@ def image_index(
 
     lake, con = warehouse.lake(), warehouse.duck()
     enc = _encoder(warehouse, encoder)
-    source = emb.image_embeddings_sql(lake)
-    if source is None:
-        raise ValueError("no image embeddings yet: materialize image_embeddings first")
-    ids, vectors = emb.read_vectors(con, source, "imageId", enc.tag)
-    if len(ids) == 0:
-        raise ValueError(f"no image vectors of encoder {enc.tag}")
+    ids, vectors = emb.all_image_vectors(con, lake, enc.tag)
     config = IndexConfig()
     started = time.monotonic()
     index = build_index(ids, vectors, config)
@@ -530,10 +525,7 @@ def embedding_map(
 
     lake, con = warehouse.lake(), warehouse.duck()
     enc = _encoder(warehouse, encoder)
-    source = emb.image_embeddings_sql(lake)
-    if source is None:
-        raise ValueError("no image embeddings yet: materialize image_embeddings first")
-    ids, vectors = emb.read_vectors(con, source, "imageId", enc.tag)
+    ids, vectors = emb.all_image_vectors(con, lake, enc.tag)
     projection = project_2d(vectors)
     labels = emb.image_base_models(con, lake, ids)
     lake.write_table(

@@ -9,7 +9,7 @@ This module turns those into a searchable index and measures how good it is:
 * `VectorIndex` answers top-k queries with cosine similarities, by vector or by a stored id
   (optionally leaving the query's own id out), looks a stored vector up, and saves / loads
   itself as one file;
-* `exact_search` is the brute-force ground truth (blocked numpy dot products) and
+* `exact_search` is the brute-force reference (blocked numpy dot products) and
   `recall_at_k` the figure the ``image_index`` asset reports: the mean fraction of the exact
   top-k the index returns;
 * `similar_by_id` / `similar_by_vector` give the small ``[(id, similarity), ...]`` lists the CLI
@@ -474,7 +474,7 @@ def _unpack(matches: object, m: int, fetch: int) -> tuple[np.ndarray, np.ndarray
     return ids, sims
 
 
-# -- ground truth and quality -----------------------------------------------------------------
+# -- exact reference and quality -----------------------------------------------------------------
 
 
 def exact_search(
@@ -490,7 +490,7 @@ def exact_search(
     """Brute-force top-``k`` by dot product (= cosine: ``vectors`` must be unit-norm, queries
     are normalised), with `VectorIndex.search`'s shapes, padding and ``exclude_ids``.
 
-    The ground truth `recall_at_k` measures the index against. Scores are computed tile by
+    The exact answer `recall_at_k` measures the index against. Scores are computed tile by
     tile (``query_block`` queries x ``vector_block`` stored vectors) keeping a running top-k
     per query, so memory stays bounded and each query block reads the collection once. Ties
     are ordered by storage row; which of several vectors tied at the k-th place is kept is
@@ -560,10 +560,10 @@ def recall_at_k(
     missing = [int(i) for i in query_ids if int(i) not in index]
     if missing:
         raise ValueError(f"ids {missing[:5]} are not in the index it was supposedly built from")
-    truth, _ = exact_search(ids, matrix, matrix[rows], k, exclude_ids=query_ids)
+    exact, _ = exact_search(ids, matrix, matrix[rows], k, exclude_ids=query_ids)
     found, _ = index.search(matrix[rows], k, exclude_ids=query_ids)
-    wanted = truth >= 0
-    hits = ((truth[:, :, None] == found[:, None, :]) & wanted[:, :, None]).any(axis=2)
+    wanted = exact >= 0
+    hits = ((exact[:, :, None] == found[:, None, :]) & wanted[:, :, None]).any(axis=2)
     return float(np.mean(hits.sum(axis=1) / wanted.sum(axis=1)))
 
 

@@ -191,8 +191,8 @@ def sample_pairs(root: str | os.PathLike, log: logging.Logger | None = None) -> 
     """(imageId, media path, prompt) of every image file under ``root/media/images`` that has a
     prompt in the release table ``root/images/*.parquet``, sorted by imageId.
 
-    The pairs come from the files on disk joined to the release rows by imageId — never from
-    ``truth/`` (evaluation only). An image has one row per LoRA, normally with the same prompt;
+    The pairs come from the files on disk joined to the release rows by imageId only (the
+    sample's planted answers are for evaluation code, never read here). An image has one row per LoRA, normally with the same prompt;
     when its rows disagree (the sample plants over-long copies) the most frequent prompt wins,
     ties going to the shortest. Media files without a prompt row are logged, not returned."""
     import pyarrow.dataset as ds

@@ -304,10 +304,7 @@ def lora_means(con: duckdb.DuckDBPyConnection, lake: Lake, encoder: str) -> Lora
     """Mean of the normalised image vectors of each LoRA (via ``image_loras``), as ImageGem
     builds LoRA embeddings; LoRAs none of whose images was embedded get no vector and are
     counted, never invented."""
-    images = image_embeddings_sql(lake)
-    if images is None:
-        raise ValueError("no image embeddings yet: materialize image_embeddings first")
-    image_ids, vectors = read_vectors(con, images, "imageId", encoder)
+    image_ids, vectors = all_image_vectors(con, lake, encoder)
     links = con.sql(
         f"SELECT imageId, modelVersionId FROM {lake.scan('image_loras')}"
     ).to_arrow_table()
@@ -334,6 +331,19 @@ def vector_view_sql(source_sql: str, dim: int) -> str:
     """A catalog view body exposing ``embedding`` as DuckDB's FLOAT[dim] array type, so
     ``array_cosine_similarity`` and friends work directly."""
     return f"SELECT * REPLACE (embedding::FLOAT[{int(dim)}] AS embedding) FROM {source_sql}"
+
+
+def all_image_vectors(
+    con: duckdb.DuckDBPyConnection, lake: Lake, encoder: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(imageIds, vectors) of every shard for ``encoder``; a clear error when there are none."""
+    source = image_embeddings_sql(lake)
+    if source is None:
+        raise ValueError("no image embeddings yet: materialize image_embeddings first")
+    ids, vectors = read_vectors(con, source, "imageId", encoder)
+    if len(ids) == 0:
+        raise ValueError(f"no image vectors of encoder {encoder}")
+    return ids, vectors
 
 
 def image_base_models(
