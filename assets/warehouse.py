@@ -14,6 +14,7 @@ from warehouse.catalog import build_catalog, connect_readonly
 from warehouse.clean import CleanSpec, clean_release_table, images_spec, models_spec
 from warehouse.preview import bar_chart_markdown, markdown_table, query_markdown
 from warehouse.quarantine import union_sql
+from warehouse.release import ReleaseFormatError, open_landing
 from warehouse.schema import IMAGES, MODELS, ReleaseTable
 from warehouse.sqlfiles import questions
 from warehouse.stats import compute_table1
@@ -103,8 +104,9 @@ def _clean_asset(table: ReleaseTable, raw: dg.AssetsDefinition, spec_for) -> dg.
         check_specs=_check_specs(table.name, CLEAN_CHECKS),
         description=(
             f"The clean ImageGem `{table.name}` table (release shape, {len(table.columns)} "
-            f"columns, key {', '.join(table.key)}): typed, users hashed, exact duplicates "
-            "dropped, rule breakers and safety-filtered rows quarantined with a reason."
+            f"columns, key {', '.join(table.key)}), read once from the landed release files: "
+            "typed, raw usernames hashed, exact duplicates dropped, rule breakers and "
+            "safety-filtered rows quarantined with a reason."
         ),
     )
     def clean(
@@ -113,7 +115,15 @@ def _clean_asset(table: ReleaseTable, raw: dg.AssetsDefinition, spec_for) -> dg.
         lake, cfg = warehouse.lake(), warehouse.clean_config()
         spec: CleanSpec = spec_for(cfg)
         con = warehouse.duck()
-        report = clean_release_table(con, lake, spec, cfg, warehouse.scorer(), context.log)
+        try:
+            landing = open_landing(
+                lake, spec.raw, table, warehouse.user_salt, warehouse.storage_options()
+            )
+            report = clean_release_table(
+                con, lake, spec, cfg, warehouse.scorer(), landing, context.log
+            )
+        except ReleaseFormatError as exc:
+            raise dg.Failure(description=str(exc), metadata={"table": table.name}) from exc
         results = [
             _schema_result(checks.schema_check(lake, table)),
             _reconciliation_result(checks.reconciliation_check(con, lake, spec, report)),
@@ -127,6 +137,16 @@ def _clean_asset(table: ReleaseTable, raw: dg.AssetsDefinition, spec_for) -> dg.
                 "rows_in": report.rows_in,
                 "quarantined": report.quarantined,
                 "exact_duplicates_dropped": report.duplicates,
+                "rows_with_ingest_errors": sum(report.ingest_errors.values()),
+                "ingest_errors": dg.MetadataValue.md(
+                    markdown_table(
+                        ["error", "rows"],
+                        [(k, f"{v:,}") for k, v in sorted(report.ingest_errors.items())],
+                    )
+                    if report.ingest_errors
+                    else "none"
+                ),
+                "raw_usernames_hashed": report.raw_usernames_hashed,
                 "toxicity_scorer": report.scorer,
                 "reasons": dg.MetadataValue.md(
                     bar_chart_markdown([r for r, _ in reasons], [n for _, n in reasons])
@@ -270,14 +290,6 @@ def warehouse_catalog(
     lake = warehouse.lake()
     report = build_catalog(lake, warehouse.catalog_path())
     con = connect_readonly(report.path, lake)
-    answers = []
-    for name, sql in questions().items():
-        if "getvariable" in sql:
-            continue
-        try:
-            answers.append(f"**{name}**\n\n{query_markdown(con, sql, 5)}")
-        except duckdb.CatalogException:  # a table it needs is not materialized yet
-            answers.append(f"**{name}**\n\n(needs: {', '.join(report.missing)})")
     counts = [
         (v, f"{con.execute(f'SELECT count(*) FROM {v}').fetchone()[0]:,}") for v in report.views
     ]
@@ -287,6 +299,40 @@ def warehouse_catalog(
             "path": dg.MetadataValue.path(report.path),
             "views": dg.MetadataValue.md(markdown_table(["view", "rows"], counts)),
             "missing_tables": ", ".join(report.missing) or "none",
+        }
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[warehouse_catalog],
+    kinds={"duckdb"},
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def warehouse_tour(
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource
+) -> dg.MaterializeResult:
+    """The example questions (``warehouse/sql/questions.sql``: unique prompts, base model
+    families, LoRAs with a tag, multi-LoRA images, ...) answered on the current catalog,
+    read-only, so the catalog's one writer is never held up by them (``imagegem tour``
+    prints the same answers)."""
+    con = connect_readonly(warehouse.catalog_path(), warehouse.lake())
+    answers, unanswered = [], []
+    try:
+        for name, sql in questions().items():
+            if "getvariable" in sql:
+                continue
+            try:
+                answers.append(f"**{name}**\n\n{query_markdown(con, sql, 5)}")
+            except duckdb.CatalogException as exc:  # a table it needs is not materialized yet
+                unanswered.append(name)
+                answers.append(f"**{name}**\n\n(not answerable yet: {exc})")
+    finally:
+        con.close()
+    return dg.MaterializeResult(
+        metadata={
+            "questions": len(answers),
+            "unanswered": ", ".join(unanswered) or "none",
             "example_answers": dg.MetadataValue.md("\n\n".join(answers)),
         }
     )
@@ -311,5 +357,13 @@ def no_raw_usernames(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     )
 
 
-ALL_ASSETS = [images, models, *derived_assets, quarantine, table1_stats, warehouse_catalog]
+ALL_ASSETS = [
+    images,
+    models,
+    *derived_assets,
+    quarantine,
+    table1_stats,
+    warehouse_catalog,
+    warehouse_tour,
+]
 ALL_CHECKS = [no_raw_usernames]

@@ -17,7 +17,7 @@ from tests.factory import image_row, model_row, write_release
 from warehouse.clean import CleanConfig, StepReport, clean_release_table, images_spec, models_spec
 from warehouse.duck import connect
 from warehouse.lake import Lake
-from warehouse.release import discover, land_release_table
+from warehouse.release import discover, land_release_table, open_landing
 from warehouse.safety import LexiconScorer
 from warehouse.schema import IMAGES, MODELS
 from warehouse.tables import DERIVED, build_derived
@@ -49,14 +49,13 @@ def run_warehouse(release: Path, lake_root: Path, cfg: CleanConfig | None = None
     lake = Lake(str(lake_root))
     log = logging.getLogger("test")
     for table in (IMAGES, MODELS):
-        land_release_table(
-            lake, f"raw/{table.name}", discover(str(release), table), table, SALT, log=log
-        )
+        land_release_table(lake, f"raw/{table.name}", discover(str(release), table), table, log=log)
     con = connect(lake)
     reports = {}
     for spec in (models_spec(cfg), images_spec(cfg)):
+        landing = open_landing(lake, spec.raw, spec.table, SALT)
         reports[spec.table.name] = clean_release_table(
-            con, lake, spec, cfg, LexiconScorer.bundled(), log
+            con, lake, spec, cfg, LexiconScorer.bundled(), landing, log
         )
     for name in DERIVED:
         build_derived(con, lake, name)

@@ -21,17 +21,21 @@ import queue
 import tempfile
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from warehouse.duck import quote
 from warehouse.lake import Lake, parquet_writer
+from warehouse.progress import Progress
 from warehouse.quarantine import PAYLOAD_MAX_CHARS, QUARANTINE_SCHEMA
+from warehouse.release import Landing, LandingUnit
 from warehouse.safety import SqlToxicityScorer, ToxicityScorer
 from warehouse.schema import (
     IMAGES,
@@ -103,6 +107,8 @@ class StepReport:
     scorer: str = ""
     version: str = ""
     max_kept_toxicity: float = 0.0
+    ingest_errors: dict[str, int] = field(default_factory=dict)
+    raw_usernames_hashed: int = 0
 
     @property
     def reconciles(self) -> bool:
@@ -237,27 +243,6 @@ def _first_rule(rules: Sequence[Rule], value: str) -> str:
     return f"CASE {whens} END"
 
 
-def _score_texts(con: duckdb.DuckDBPyConnection, spec: CleanSpec, scorer: ToxicityScorer) -> None:
-    """Temp table _tox(_text, _toxicity) of the distinct raw texts that score above zero.
-
-    SQL scorers (the lexicon, the classifier + lexicon fallback) score inside DuckDB; any
-    other scorer (Detoxify) gets the distinct texts in Arrow batches.
-    """
-    text = spec.toxicity_text
-    distinct = f"SELECT DISTINCT {text} AS _text FROM _raw WHERE {text} IS NOT NULL"
-    if isinstance(scorer, SqlToxicityScorer):
-        scorer.create_scores(con, distinct, "_tox")
-        return
-    con.execute("CREATE OR REPLACE TEMP TABLE _tox (_text VARCHAR, _toxicity DOUBLE)")
-    reader = con.execute(distinct).to_arrow_reader(50_000)
-    for batch in reader:
-        texts = batch.column(0).to_pylist()
-        chunk = pa.table({"_text": texts, "_toxicity": pa.array(scorer.score(texts), pa.float64())})
-        con.register("_tox_chunk", chunk)
-        con.execute("INSERT INTO _tox SELECT * FROM _tox_chunk WHERE _toxicity > 0")
-        con.unregister("_tox_chunk")
-
-
 # The fate of a row in the staged pass, as the small integer the pass hands to Python.
 KEPT, QUARANTINED, HELD, DUPLICATE = 0, 1, 2, 3
 ROW_GROUP_ROWS = 122_880  # rows per row group of the written tables (DuckDB's default)
@@ -265,27 +250,49 @@ ARROW_BATCH_ROWS = 122_880
 WRITERS = 2  # threads encoding the clean and quarantine parts (capped by the CPU count)
 
 
-def _create_stage(con: duckdb.DuckDBPyConnection, spec: CleanSpec, scorer_name: str) -> None:
-    """The view ``_stage``: every raw row with its first-pass fate (``_status``, ``_reason``,
-    ``_detail``), its toxicity, and for the rows that are not kept their quarantine key and
-    payload.
+def stage_schema(table: ReleaseTable) -> pa.Schema:
+    """A staged row: the row in clean types, its fate (``_status``, ``_reason``,
+    ``_detail``), its lineage and toxicity, and for the rows that are not kept their
+    quarantine key and payload."""
+    return pa.schema(
+        [
+            *table.clean_schema(),
+            pa.field("_status", pa.uint8()),
+            pa.field("_reason", pa.string()),
+            pa.field("_detail", pa.string()),
+            pa.field(SOURCE_FILE, pa.string()),
+            pa.field(SOURCE_ROW, pa.int64()),
+            pa.field("_toxicity", pa.float64()),
+            pa.field("_record_key", pa.string()),
+            pa.field("_payload", pa.string()),
+        ]
+    )
 
-    A row that breaks a row rule is quarantined; a row whose key occurs more than once
-    (``_dupkeys``) is *held*: exact copies and key conflicts are decided among the held rows
-    alone (:func:`_resolve_held`), so every other row streams through without a sort; the
-    rest is kept unless a safety rule quarantines it. ``_reason`` of a held row is its safety
+
+def fate_sql(spec: CleanSpec, scorer_name: str) -> str:
+    """SQL giving every row of the batch ``_b`` its first-pass fate, in ``_source_row`` order.
+
+    ``_b`` is a canonical batch (release columns and lineage), ``_tox(_text, _toxicity)`` the
+    batch's texts that score above zero, ``_dupkeys`` the keys that occur more than once in
+    the whole table. Only what the batch does not already hold comes out: the timestamps in
+    clean types, ``_status``, ``_reason``, ``_detail`` and ``_toxicity`` (the rows that are
+    not kept get their key and payload afterwards, :func:`quarantine_sql`).
+
+    A row that breaks a row rule is quarantined; a row whose key occurs more than once is
+    *held*: exact copies and key conflicts are decided among the held rows alone
+    (:func:`_resolve_held`), so every other row streams through without a sort; the rest is
+    kept unless a safety rule quarantines it. ``_reason`` of a held row is its safety
     reason, if any.
     """
     table = spec.table
     key_match = " AND ".join(f'_dupkeys._k{i} = typed."{k}"' for i, k in enumerate(table.key))
     ingest_rule = Rule("ingest error", f"{INGEST_ERROR} IS NOT NULL", "NULL", INGEST_ERROR)
     rules = (ingest_rule, *spec.rules)
-    content = ", ".join(f'"{c}"' for c in table.column_names)
-    con.execute(f"""
-    CREATE OR REPLACE TEMP VIEW _stage AS
+    timestamps = ", ".join(f'"{c}"' for c, k in table.columns if k is Kind.TIMESTAMP_TEXT)
+    return f"""
     WITH typed AS (
         SELECT {_typed_select(table)}
-        FROM _raw
+        FROM _b AS _raw
     ),
     checked AS (
         SELECT typed.*, {_first_rule(rules, "reason")} AS _rule_reason,
@@ -310,16 +317,135 @@ def _create_stage(con: duckdb.DuckDBPyConnection, spec: CleanSpec, scorer_name: 
                  ELSE {KEPT} END::UTINYINT AS _status
         FROM judged
     )
-    SELECT {content}, _status,
+    SELECT {timestamps + ", " if timestamps else ""}_status,
         coalesce(_rule_reason, _safety_reason) AS _reason,
         CASE WHEN _rule_reason IS NOT NULL THEN {_first_rule(rules, "detail")}
              WHEN _safety_reason IS NOT NULL THEN {_first_rule(spec.safety_rules, "detail")}
              END AS _detail,
-        {SOURCE_FILE}, {SOURCE_ROW}, _toxicity,
-        CASE WHEN _status <> {KEPT} THEN {_record_key_sql(spec)} END AS _record_key,
-        CASE WHEN _status <> {KEPT} THEN {_payload_sql(spec)} END AS _payload
+        _toxicity, {SOURCE_ROW}
     FROM fated
-    """)
+    ORDER BY {SOURCE_ROW}
+    """
+
+
+def quarantine_sql(spec: CleanSpec, relation: str) -> str:
+    """SQL giving the rows of the canonical ``relation`` their quarantine ``_record_key``
+    and ``_payload``, in ``_source_row`` order (run only on the rows that are not kept)."""
+    return (
+        f"SELECT {_record_key_sql(spec)} AS _record_key, {_payload_sql(spec)} AS _payload "
+        f"FROM {relation} ORDER BY {SOURCE_ROW}"
+    )
+
+
+class _Stager:
+    """Stages canonical batches (:func:`fate_sql`) on its own single-threaded DuckDB
+    connection, so several stagers run side by side, one per worker thread."""
+
+    def __init__(
+        self,
+        spec: CleanSpec,
+        scorer: ToxicityScorer,
+        dupkeys: pa.Table,
+        memory_limit: str = "1GB",
+    ) -> None:
+        self.spec = spec
+        self.scorer = scorer
+        self.schema = stage_schema(spec.table)
+        self.sql = fate_sql(spec, scorer.name)
+        self.quarantine_sql = quarantine_sql(spec, "_q")
+        self.con = duckdb.connect()
+        self.con.execute("SET threads = 1")
+        self.con.execute(f"SET memory_limit = {quote(memory_limit)}")
+        self.con.register("_dupkeys_in", dupkeys)
+        self.con.execute("CREATE TEMP TABLE _dupkeys AS SELECT * FROM _dupkeys_in")
+        self.con.unregister("_dupkeys_in")
+        self.sql_scorer = isinstance(scorer, SqlToxicityScorer)
+        self.text_column = (
+            spec.toxicity_text if spec.toxicity_text in spec.table.column_names else None
+        )
+
+    def close(self) -> None:
+        self.con.close()
+
+    def _texts(self, batch: pa.RecordBatch) -> pa.Array:
+        if self.text_column is not None:
+            return batch.column(self.text_column)
+        table = self.con.sql(f"SELECT {self.spec.toxicity_text} AS _text FROM _b").to_arrow_table()
+        return table.column(0).combine_chunks()
+
+    def _score(self, batch: pa.RecordBatch) -> None:
+        """Temp table ``_tox(_text, _toxicity)``: the batch's distinct texts scoring above 0.
+
+        SQL scorers see only the texts their prefilter finds (run here in Arrow, the same
+        RE2 pattern): a text it does not find scores exactly 0. Other scorers (Detoxify)
+        score every distinct text of the batch.
+        """
+        texts = self._texts(batch)
+        if self.sql_scorer:
+            found = pc.match_substring_regex(texts, self.scorer.prefilter_pattern())
+            hits = pc.unique(pc.filter(texts, found))
+            self.con.register("_tox_in", pa.table({"_text": hits.cast(pa.string())}))
+            self.scorer.create_scores(
+                self.con, "SELECT _text FROM _tox_in WHERE _text IS NOT NULL", "_tox"
+            )
+        else:
+            distinct = pc.unique(texts.drop_null()).cast(pa.string())
+            scores = pa.array(self.scorer.score(distinct.to_pylist()), pa.float64())
+            found = pa.table({"_text": distinct, "_toxicity": scores})
+            self.con.register("_tox_in", found.filter(pc.greater(found["_toxicity"], 0.0)))
+            self.con.execute("CREATE OR REPLACE TEMP TABLE _tox AS SELECT * FROM _tox_in")
+        self.con.unregister("_tox_in")
+
+    def stage(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The staged rows (:func:`stage_schema`) of one canonical batch, in its order."""
+        self.con.register("_b", batch)
+        try:
+            self._score(batch)
+            fate = self.con.sql(self.sql).to_arrow_table().combine_chunks()
+        finally:
+            self.con.unregister("_b")
+        if fate.num_rows != batch.num_rows or (
+            batch.num_rows and fate.column(SOURCE_ROW)[0] != batch.column(SOURCE_ROW)[0]
+        ):
+            raise AssertionError("staging lost the order of the batch's rows")
+
+        def single(column: pa.ChunkedArray) -> pa.Array:
+            return column.chunk(0) if column.num_chunks else pa.array([], column.type)
+
+        status = single(fate.column("_status"))
+        record_key = payload = pa.nulls(batch.num_rows, pa.string())
+        not_kept = pc.not_equal(status, KEPT)
+        if pc.any(not_kept).as_py():
+            self.con.register("_q", batch.filter(not_kept))
+            try:
+                found = self.con.sql(self.quarantine_sql).to_arrow_table().combine_chunks()
+            finally:
+                self.con.unregister("_q")
+            where = pa.array(np.flatnonzero(not_kept.to_numpy(zero_copy_only=False)))
+            record_key = _scatter(batch.num_rows, where, single(found.column("_record_key")))
+            payload = _scatter(batch.num_rows, where, single(found.column("_payload")))
+        columns = [
+            single(fate.column(c)) if kind is Kind.TIMESTAMP_TEXT else batch.column(c)
+            for c, kind in self.spec.table.columns
+        ]
+        columns += [
+            status,
+            single(fate.column("_reason")),
+            single(fate.column("_detail")),
+            batch.column(SOURCE_FILE),
+            batch.column(SOURCE_ROW),
+            single(fate.column("_toxicity")),
+            record_key,
+            payload,
+        ]
+        return pa.RecordBatch.from_arrays(columns, schema=self.schema)
+
+
+def _scatter(n: int, where: pa.Array, values: pa.Array) -> pa.Array:
+    """An array of ``n`` nulls with ``values`` at the (sorted) positions ``where``."""
+    slots = np.full(n, -1, dtype=np.int64)
+    slots[where.to_numpy()] = np.arange(len(where))
+    return values.take(pa.array(slots, mask=slots < 0))
 
 
 def _record_key_sql(spec: CleanSpec) -> str:
@@ -330,12 +456,11 @@ def _record_key_sql(spec: CleanSpec) -> str:
 
 
 def _payload_sql(spec: CleanSpec) -> str:
-    """SQL for a quarantine row's payload: the row as landed (user hashed), as JSON text."""
+    """SQL for a quarantine row's payload: the canonical row as read (timestamps as their
+    release text, user hashed), as JSON text."""
     fields = []
     for column, kind in spec.table.columns:
-        if kind is Kind.TIMESTAMP_TEXT:
-            fields.append(f'"{column}" := "_raw_{column}"')
-        elif kind is Kind.STRING:
+        if kind is Kind.STRING:
             fields.append(f'"{column}" := left("{column}", {PAYLOAD_MAX_CHARS})')
         else:
             fields.append(f'"{column}" := "{column}"')
@@ -519,47 +644,69 @@ def _resolve_held(spec: CleanSpec, held_paths: list[str]) -> str:
     """
 
 
+def duplicate_keys(landing: Landing, workers: int) -> pa.Table:
+    """``_k0, _k1, ...``: the key values that occur more than once in the whole landing
+    (null keys aside), found from the key columns alone, read ``workers`` units at a time."""
+    table = landing.table
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        parts = list(pool.map(lambda u: list(landing.keys(u)), landing.units))
+    batches = [b for part in parts for b in part]
+    names = [f"_k{i}" for i in range(len(table.key))]
+    if not batches:
+        return pa.table({n: pa.array([], pa.int64()) for n in names})
+    keys = pa.Table.from_batches(batches).rename_columns(names)
+    con = duckdb.connect()
+    try:
+        con.execute(f"SET threads = {max(1, workers)}")
+        con.register("_keys", keys)
+        not_null = " AND ".join(f"{n} IS NOT NULL" for n in names)
+        return con.sql(
+            f"SELECT {', '.join(names)} FROM _keys WHERE {not_null} "
+            "GROUP BY ALL HAVING count(*) > 1"
+        ).to_arrow_table()
+    finally:
+        con.close()
+
+
 def clean_release_table(
     con: duckdb.DuckDBPyConnection,
     lake: Lake,
     spec: CleanSpec,
     cfg: CleanConfig,
     scorer: ToxicityScorer,
+    landing: Landing,
     log: logging.Logger | None = None,
+    workers: int | None = None,
 ) -> StepReport:
-    """Clean one release table from its raw landing into the lake (table + quarantine).
+    """Clean one release table from its landing into the lake (table + quarantine).
 
-    Small lookup tables are built first (texts with a toxicity above zero, keys that occur
-    more than once); then one streaming pass over the raw landing (the ``_stage`` view)
-    writes the clean rows and the quarantine rows side by side and sets aside the rows whose
-    key repeats, which are resolved afterwards (:func:`_resolve_held`) into the same two
-    files. Both tables are committed only when everything was written.
+    One pass reads every row group of the landing once, ``workers`` at a time (default: one
+    per CPU): each batch is decoded and coerced (:meth:`Landing.batches`), its texts scored,
+    its rows given their fate (:func:`fate_sql`) and routed into the worker's own clean
+    part, quarantine part or the rows set aside because their key repeats (known beforehand
+    from the key columns alone, :func:`duplicate_keys`). The set-aside rows are resolved
+    afterwards (:func:`_resolve_held`) into the same files. Both tables are committed only
+    when everything was written; the first failure stops every worker.
     """
     log = log or logging.getLogger(__name__)
     table = spec.table
-    con.execute(f"CREATE OR REPLACE TEMP VIEW _raw AS SELECT * FROM {lake.scan(spec.raw)}")
-    rows_in = con.execute("SELECT count(*) FROM _raw").fetchone()[0]
-    log.info(f"{spec.step}: {rows_in:,} raw rows; scoring distinct texts with {scorer.name}")
-    _score_texts(con, spec, scorer)
-    keys = ", ".join(f'"{k}" AS _k{i}' for i, k in enumerate(table.key))
-    not_null = " AND ".join(f'"{k}" IS NOT NULL' for k in table.key)
-    con.execute(
-        f"CREATE OR REPLACE TEMP TABLE _dupkeys AS SELECT {keys} FROM _raw "
-        f"WHERE {not_null} GROUP BY ALL HAVING count(*) > 1"
+    cpus = os.cpu_count() or 1
+    writers = max(1, min(workers or min(WRITERS, cpus), len(landing.units) or 1))
+    report = StepReport(step=spec.step, table=table.name, scorer=scorer.name, rows_in=landing.rows)
+    log.info(
+        f"{spec.step}: {landing.rows:,} rows in {len(landing.units)} row groups; "
+        f"{writers} workers; toxicity by {scorer.name}"
     )
-    _create_stage(con, spec, scorer.name)
-
-    report = StepReport(step=spec.step, table=table.name, scorer=scorer.name, rows_in=rows_in)
+    dupkeys = duplicate_keys(landing, writers)
     now = datetime.now(UTC).replace(tzinfo=None)
-    writers = max(1, min(WRITERS, os.cpu_count() or 1))
-    log.info(f"{spec.step}: writing clean and quarantine rows ({writers} writers)")
+    progress = Progress(spec.step, landing.rows, log)
     with (
         tempfile.TemporaryDirectory(prefix="imagegem-held-") as scratch,
         lake.writing(spec.out) as version,
         lake.writing(spec.quarantine) as quarantine_version,
         ExitStack() as files,
     ):
-        stage = con.sql("SELECT * FROM _stage").to_arrow_reader(ARROW_BATCH_ROWS)
+        schema = stage_schema(table)
         sinks: list[tuple[_Sink, _Sink, _Sink]] = []
         for i in range(writers):
             out_file = files.enter_context(lake.fs.open(version.part(i), "wb"))
@@ -568,12 +715,14 @@ def clean_release_table(
                 (
                     _Sink(out_file, table.clean_schema()),
                     _Sink(quarantine_file, QUARANTINE_SCHEMA),
-                    _Sink(os.path.join(scratch, f"held-{i}.parquet"), stage.schema),
+                    _Sink(os.path.join(scratch, f"held-{i}.parquet"), schema),
                 )
             )
+        stagers: list[_Stager] = []
         try:
             routers = [_Router(spec, cfg, now, out, q, held) for out, q, held in sinks]
-            _stream(stage, routers)
+            stagers = [_Stager(spec, scorer, dupkeys) for _ in routers]
+            _run_units(landing, stagers, routers, report, progress)
             for router in routers:
                 router.add_to(report)
             held_paths = []
@@ -597,11 +746,72 @@ def clean_release_table(
                 with suppress(Exception):
                     sink.writer.close()
             raise
+        finally:
+            for stager in stagers:
+                stager.close()
+    progress.done()
     report.version = version.name
     if report.duplicates:
         report.reasons["exact duplicate"] = report.duplicates
-    con.execute("DROP VIEW _stage; DROP TABLE _tox; DROP TABLE _dupkeys; DROP VIEW _raw")
     return report
+
+
+def _run_units(
+    landing: Landing,
+    stagers: list[_Stager],
+    routers: list[_Router],
+    report: StepReport,
+    progress: Progress,
+) -> None:
+    """Stage and route every unit of ``landing``: one thread per (stager, router) pair, each
+    taking the next unit when it finishes one (decoding, DuckDB and Parquet encoding all run
+    without the GIL, so the threads use as many cores as there are pairs)."""
+    pending: queue.SimpleQueue[LandingUnit] = queue.SimpleQueue()
+    for unit in landing.units:
+        pending.put(unit)
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def work(stager: _Stager, router: _Router) -> None:
+        counters: dict[str, int] = {}
+        try:
+            while not failures:
+                try:
+                    unit = pending.get_nowait()
+                except queue.Empty:
+                    return
+                for batch in landing.batches(unit, counters):
+                    if failures:
+                        return
+                    errors = batch.column(INGEST_ERROR)
+                    counts = (
+                        pc.value_counts(errors.drop_null()).to_pylist()
+                        if errors.null_count < len(errors)
+                        else []
+                    )
+                    router.route(stager.stage(batch))
+                    with lock:
+                        for item in counts:
+                            message = item["values"]
+                            report.ingest_errors[message] = (
+                                report.ingest_errors.get(message, 0) + item["counts"]
+                            )
+                        report.raw_usernames_hashed += counters.pop("raw_usernames_hashed", 0)
+                        progress.advance(batch.num_rows)
+        except BaseException as exc:  # handed to the caller below
+            with lock:
+                failures.append(exc)
+
+    threads = [
+        threading.Thread(target=work, args=pair, daemon=True)
+        for pair in zip(stagers, routers, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
 
 
 def count_rows(con: duckdb.DuckDBPyConnection, lake: Lake, table: str) -> int:
@@ -610,9 +820,11 @@ def count_rows(con: duckdb.DuckDBPyConnection, lake: Lake, table: str) -> int:
 
 
 def reconcile(con: duckdb.DuckDBPyConnection, lake: Lake, spec: CleanSpec) -> tuple[int, int, int]:
-    """(rows_in, rows_out, quarantined) counted from the written files, for the asset check."""
+    """(rows_in, rows_out, quarantined), for the asset check: rows in from the landing's
+    manifest (the release files' footers), the others counted from the written files."""
+    rows_in = con.execute(f"SELECT coalesce(sum(rows), 0) FROM {lake.scan(spec.raw)}").fetchone()[0]
     return (
-        count_rows(con, lake, spec.raw),
+        int(rows_in),
         count_rows(con, lake, spec.out),
         count_rows(con, lake, spec.quarantine),
     )

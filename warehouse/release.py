@@ -1,27 +1,27 @@
-"""Reading the published ImageGem release (parquet) into the raw landing, in streaming batches.
+"""Landing the published ImageGem release (parquet), and reading it back in canonical batches.
+
+Landing (:func:`land_release_table`) validates every file's footer and commits a manifest:
+one row per row group of every file, pinned by the file's size and version. The rows are
+not copied: the clean stage reads each row group straight from its release file, once, in
+parallel (:class:`Landing`), and that single read is where rows are coerced to the
+canonical types and raw usernames are salted-hashed, so the lake never holds a raw username
+nor a second copy of the release.
 
 File-level problems (no files, an empty or truncated file, a missing/renamed or mistyped
-column, a data page that cannot be decoded behind a valid footer) raise
-:class:`ReleaseFormatError` naming the file and the column or position: the run stops and
-nothing is committed. Row-level problems met while decoding (invalid UTF-8; a fractional,
-infinite or out-of-int64-range value in an integer column) do not stop the run: the row is
-landed with an ``_ingest_error`` and the clean stage quarantines it with that reason. Nothing
-is dropped here.
-
-Every file's footer is validated before any row is read; the row groups of all files are
-then landed in parallel, one landing part per row group, so one big file lands as fast as
-many shards.
+column, a data page that cannot be decoded behind a valid footer, a file that changed after
+landing) raise :class:`ReleaseFormatError` naming the file and the column or position: the
+run stops and nothing is committed. Row-level problems met while decoding (invalid UTF-8; a
+fractional, infinite or out-of-int64-range value in an integer column) do not stop the run:
+the row carries an ``_ingest_error`` and the clean stage quarantines it with that reason.
+Nothing is dropped here.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import posixpath
-import threading
 from collections.abc import Iterator
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import fsspec
@@ -30,10 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from warehouse.lake import Lake, TableVersion, is_remote, parquet_writer
-from warehouse.progress import Progress
+from warehouse.lake import Lake, is_remote
 from warehouse.schema import (
-    INGEST_ERROR,
     USER_HASH_PATTERN,
     Kind,
     ReleaseTable,
@@ -56,8 +54,7 @@ class LandingReport:
     files: list[str] = field(default_factory=list)
     rows: int = 0
     bytes_read: int = 0
-    row_errors: dict[str, int] = field(default_factory=dict)
-    raw_usernames_hashed: int = 0
+    row_groups: int = 0
     version: str = ""
 
 
@@ -322,17 +319,43 @@ def coerce_batch(
 
 # -- landing ----------------------------------------------------------------------------------
 
+# The manifest a landing commits: one row per row group of every release file.
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("unit", pa.int64()),
+        pa.field("file", pa.string()),
+        pa.field("file_bytes", pa.int64()),
+        pa.field("file_version", pa.string()),
+        pa.field("row_group", pa.int64()),
+        pa.field("first_row", pa.int64()),
+        pa.field("rows", pa.int64()),
+    ]
+)
+
 
 @dataclass(frozen=True)
 class LandingUnit:
-    """One row group of one release file: the unit of parallel landing (one landing part)."""
+    """One row group of one release file: the unit of parallel reading."""
 
-    index: int  # the landing part it becomes
+    index: int  # its position in the landing (units are in file, row-group order)
     path: str
     row_group: int
     first_row: int  # the row group's first row within its file (for _source_row)
     rows: int
     metadata: pq.FileMetaData  # the file's footer, read once when validating
+
+
+def file_version(fs, path: str) -> str:
+    """What tells a later reader that ``path`` is still the file that was landed: its ETag
+    on object stores, else its modification time in nanoseconds."""
+    info = fs.info(path)
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"etag:{str(etag).strip(chr(34))}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return f"mtime:{int(round(float(mtime or 0) * 1e9))}"
 
 
 def plan_landing(files: list[str], table: ReleaseTable, fs) -> tuple[list[LandingUnit], int, int]:
@@ -369,7 +392,7 @@ def iter_landing_batches(
     counters: dict[str, int] | None = None,
     use_threads: bool = True,
 ) -> Iterator[pa.RecordBatch]:
-    """Stream one row group as canonical batches.
+    """Stream one row group as canonical batches (:func:`coerce_batch`).
 
     A page that cannot be decoded (corrupt bytes behind a valid footer, a bad checksum) raises
     :class:`ReleaseFormatError` naming the file, the row group and the first row not read.
@@ -397,84 +420,168 @@ def iter_landing_batches(
             row += batch.num_rows
 
 
+def iter_key_columns(unit: LandingUnit, table: ReleaseTable, fs) -> Iterator[pa.RecordBatch]:
+    """The key columns of one row group, coerced to int64 (a value that is no integer is
+    null, as :func:`coerce_batch` makes it), in batches: enough to find repeated keys
+    without decoding the rest of the row."""
+    kinds = dict(table.columns)
+    if any(kinds[k] is not Kind.INT for k in table.key):
+        raise ValueError(f"{table.name}: key columns must be integer columns")
+    with fs.open(unit.path, "rb") as source:
+        parquet = pq.ParquetFile(source, metadata=unit.metadata, page_checksum_verification=True)
+        batches = parquet.iter_batches(
+            batch_size=BATCH_ROWS, row_groups=[unit.row_group], columns=list(table.key)
+        )
+        try:
+            for batch in batches:
+                errors = RowErrors(batch.num_rows)
+                columns = []
+                for k in table.key:
+                    arr = batch.column(k)
+                    if pa.types.is_dictionary(arr.type):
+                        arr = arr.dictionary_decode()
+                    columns.append(_coerce_int(arr, k, errors))
+                yield pa.RecordBatch.from_arrays(columns, names=list(table.key))
+        except (pa.ArrowException, OSError) as exc:
+            raise ReleaseFormatError(
+                f"{unit.path}: unreadable data in row group {unit.row_group} ({exc})"
+            ) from exc
+
+
+@dataclass
+class Landing:
+    """A committed landing of one release table: its row-group units, where they live, and
+    the salt that hashes raw usernames while they are read (:meth:`batches`)."""
+
+    table: ReleaseTable
+    units: list[LandingUnit]
+    fs: object
+    user_salt: str
+    version: str = ""
+
+    @property
+    def rows(self) -> int:
+        return sum(u.rows for u in self.units)
+
+    def batches(
+        self, unit: LandingUnit, counters: dict[str, int] | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        """The canonical batches of one unit (decoded on this thread only)."""
+        return iter_landing_batches(
+            unit,
+            self.table,
+            self.fs,
+            self.user_salt,
+            batch_rows=BATCH_ROWS,
+            counters=counters,
+            use_threads=False,
+        )
+
+    def keys(self, unit: LandingUnit) -> Iterator[pa.RecordBatch]:
+        return iter_key_columns(unit, self.table, self.fs)
+
+
 def land_release_table(
     lake: Lake,
     landing_table: str,
     files: list[str],
     table: ReleaseTable,
-    user_salt: str,
     storage_options: dict | None = None,
     log: logging.Logger | None = None,
-    workers: int | None = None,
 ) -> LandingReport:
-    """Land every release file of ``table`` into one committed version of ``landing_table``.
+    """Land the release files of ``table``: validate every file's footer and commit the
+    manifest ``landing_table`` (one row per row group: file, size, version, rows).
 
-    Every file's footer is validated before any row is read, so a bad shard fails the run
-    before work is spent. The row groups of all files are then landed ``workers`` at a time
-    (default: one per CPU; decoding and Parquet encoding run in C++ without the GIL), one
-    landing part per row group, so a release delivered as one big file uses every core as
-    well as a sharded one. The version is committed only when every row group landed; the
-    first failure stops the others and nothing is committed.
+    The rows themselves are not copied: the clean stage decodes each row group straight
+    from the release file, once (:class:`Landing`), hashing raw usernames as it reads, so no
+    raw username and no second copy of the release is ever written to the lake. The
+    manifest pins each file by size and version (ETag, or modification time): a file that
+    changed after landing is refused by :func:`open_landing` until the landing is redone.
+    Nothing is committed when any file is unreadable.
     """
+    log = log or logging.getLogger(__name__)
     report = LandingReport(table=table.name, files=list(files))
     if not files:
         raise ReleaseFormatError(f"no files given for release table {table.name}")
     fs, _ = open_release_fs(files[0], storage_options)
-    units, total_rows, report.bytes_read = plan_landing(files, table, fs)
-    cpus = os.cpu_count() or 2
-    workers = max(1, min(workers or cpus, len(units) or 1))
-    use_threads = len(units) < cpus  # few row groups: let each decode its columns in parallel
-    progress = Progress(f"land {table.name}", total_rows, log or logging.getLogger(__name__))
-    schema = raw_landing_schema(table)
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def land_unit(unit: LandingUnit, version: TableVersion) -> None:
-        if stop.is_set():
-            return
-        counters: dict[str, int] = {}
-        with (
-            lake.fs.open(version.part(unit.index), "wb") as sink,
-            parquet_writer(sink, schema) as writer,
-        ):
-            for batch in iter_landing_batches(
-                unit, table, fs, user_salt, counters=counters, use_threads=use_threads
-            ):
-                if stop.is_set():
-                    return
-                writer.write_batch(batch)
-                errors = batch.column(INGEST_ERROR)
-                counts = (
-                    pc.value_counts(errors.drop_null()).to_pylist()
-                    if errors.null_count < len(errors)
-                    else []
-                )
-                with lock:
-                    for item in counts:
-                        message = item["values"]
-                        report.row_errors[message] = (
-                            report.row_errors.get(message, 0) + item["counts"]
-                        )
-                    report.rows += batch.num_rows
-                    report.raw_usernames_hashed += counters.pop("raw_usernames_hashed", 0)
-                    progress.advance(batch.num_rows)
-
-    with lake.writing(landing_table) as version:
-        if not units:  # only zero-row files: commit one empty part, so the table exists
-            with lake.fs.open(version.part(0), "wb") as sink:
-                parquet_writer(sink, schema).close()
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(land_unit, unit, version) for unit in units]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f for f in futures if f in done and f.exception() is not None]
-            if failed:
-                stop.set()
-                for future in futures:
-                    future.cancel()
-                raise failed[0].exception()  # the version is then discarded
-        report.version = version.name
-    progress.done()
+    units, report.rows, report.bytes_read = plan_landing(files, table, fs)
+    versions = {path: (fs.size(path), file_version(fs, path)) for path in files}
+    manifest = pa.table(
+        {
+            "unit": [u.index for u in units],
+            "file": [u.path for u in units],
+            "file_bytes": [versions[u.path][0] for u in units],
+            "file_version": [versions[u.path][1] for u in units],
+            "row_group": [u.row_group for u in units],
+            "first_row": [u.first_row for u in units],
+            "rows": [u.rows for u in units],
+        },
+        schema=MANIFEST_SCHEMA,
+    )
+    report.version = lake.write_table(landing_table, manifest).name
+    report.row_groups = len(units)
+    log.info(
+        f"landed {table.name}: {len(files)} files, {len(units)} row groups, "
+        f"{report.rows:,} rows ({describe_size(report.bytes_read)}), by reference"
+    )
     return report
+
+
+def open_landing(
+    lake: Lake,
+    landing_table: str,
+    table: ReleaseTable,
+    user_salt: str,
+    storage_options: dict | None = None,
+) -> Landing:
+    """The committed landing ``landing_table``, its files checked against the manifest.
+
+    Raises :class:`ReleaseFormatError` naming the file when a landed file is gone, changed
+    size or version, or no longer has the landed row groups.
+    """
+    if not user_salt:
+        raise ValueError("a non-empty salt is required to hash raw usernames")
+    version = lake.require(landing_table)
+    manifest = lake.read_table(landing_table).to_pylist()
+    if not manifest:
+        return Landing(table, [], None, user_salt, version.name)
+    fs, _ = open_release_fs(manifest[0]["file"], storage_options)
+    footers: dict[str, pq.FileMetaData] = {}
+    units = []
+    for row in sorted(manifest, key=lambda r: r["unit"]):
+        path = row["file"]
+        if path not in footers:
+            if not fs.exists(path):
+                raise ReleaseFormatError(
+                    f"{path}: landed release file is gone; materialize raw_{table.name} again"
+                )
+            found = (fs.size(path), file_version(fs, path))
+            if found != (row["file_bytes"], row["file_version"]):
+                raise ReleaseFormatError(
+                    f"{path}: changed since it was landed (size, version {found} != landed "
+                    f"{(row['file_bytes'], row['file_version'])}); materialize raw_{table.name} "
+                    "again"
+                )
+            parquet = open_parquet(path, fs)
+            try:
+                footers[path] = parquet.metadata
+            finally:
+                parquet.close(force=True)
+        metadata = footers[path]
+        if (
+            row["row_group"] >= metadata.num_row_groups
+            or metadata.row_group(row["row_group"]).num_rows != row["rows"]
+        ):
+            raise ReleaseFormatError(
+                f"{path}: row group {row['row_group']} no longer holds the {row['rows']:,} "
+                f"landed rows; materialize raw_{table.name} again"
+            )
+        units.append(
+            LandingUnit(
+                row["unit"], path, row["row_group"], row["first_row"], row["rows"], metadata
+            )
+        )
+    return Landing(table, units, fs, user_salt, version.name)
 
 
 def describe_size(n_bytes: int) -> str:

@@ -69,6 +69,11 @@ class SqlToxicityScorer(Protocol):
         VARCHAR column ``_text``, distinct, not null) whose toxicity is above zero."""
         ...
 
+    def prefilter_pattern(self) -> str:
+        """An RE2 pattern every text that can score above zero matches (texts it does not
+        match score exactly 0, so a caller may skip them)."""
+        ...
+
     def score(self, texts: Sequence[str | None]) -> np.ndarray: ...
 
 
@@ -120,8 +125,9 @@ def _alternation(terms: Sequence[str]) -> str:
     return "|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True))
 
 
-def prefilter_sql(terms: Sequence[str], column: str) -> str:
-    """True for every text whose ``lower()`` contains one of ``terms`` (ASCII) as a whole word.
+def prefilter_pattern(terms: Sequence[str]) -> str:
+    """An RE2 pattern that finds every text whose ``lower()`` contains one of ``terms``
+    (ASCII) as a whole word.
 
     Case-insensitive on the raw text, so no lowercased copy of every text is made. It cannot
     miss a text: the only characters DuckDB lowercases to ASCII from outside ASCII are U+0130
@@ -129,12 +135,18 @@ def prefilter_sql(terms: Sequence[str], column: str) -> str:
     RE2's ASCII ``\\b``, cannot) match, so any text containing one of them passes too (that
     class sits outside the case-insensitive group: under ``(?i)`` it would match every k).
     It may pass a few more texts (e.g. ``ſ`` folds to ``s``): the scorer decides on those.
+    The same pattern runs in DuckDB (:func:`prefilter_sql`) and in Arrow
+    (``pyarrow.compute.match_substring_regex``), both RE2.
     """
     bad = [t for t in terms if not t.isascii()]
     if bad:
         raise ValueError(f"prefilter terms must be ASCII, got {bad[:5]}")
-    pattern = quote(rf"(?i:\b({_alternation(terms)})\b)|[\x{{130}}\x{{212A}}]")
-    return f"regexp_matches({column}, {pattern})"
+    return rf"(?i:\b({_alternation(terms)})\b)|[\x{{130}}\x{{212A}}]"
+
+
+def prefilter_sql(terms: Sequence[str], column: str) -> str:
+    """SQL: true for the texts of ``column`` that :func:`prefilter_pattern` finds."""
+    return f"regexp_matches({column}, {quote(prefilter_pattern(terms))})"
 
 
 @dataclass
@@ -158,6 +170,10 @@ class LexiconScorer:
             f"list_distinct(regexp_extract_all(lower(p), {pattern}, 1)), "
             f"lambda t: 1.0 - map_extract_value(MAP {{{weights}}}, t)), 'product'), 1.0) END"
         )
+
+    def prefilter_pattern(self) -> str:
+        """RE2: a text can score above zero only if this finds it (:func:`prefilter_pattern`)."""
+        return prefilter_pattern(list(self.terms))
 
     def prefilter_sql(self, column: str) -> str:
         """A cheap match of any term (:func:`prefilter_sql`), before scoring."""
@@ -432,9 +448,13 @@ class ModelLexiconScorer:
         mask = self.model.mean_weights >= self.calibration.gate_weight
         return [t for t, m in zip(self.model.terms, mask, strict=True) if m]
 
+    def prefilter_pattern(self) -> str:
+        """RE2: any lexicon or gate term as a whole word (:func:`prefilter_pattern`)."""
+        return prefilter_pattern(sorted(set(self.lexicon.terms) | set(self.gate_terms)))
+
     def prefilter_sql(self, column: str) -> str:
         """Any lexicon or gate term as a whole word (:func:`prefilter_sql`)."""
-        return prefilter_sql(sorted(set(self.lexicon.terms) | set(self.gate_terms)), column)
+        return f"regexp_matches({column}, {quote(self.prefilter_pattern())})"
 
     def install(self, con: duckdb.DuckDBPyConnection) -> None:
         """The lexicon macro and the vocabulary table ``_tox_vocab``."""

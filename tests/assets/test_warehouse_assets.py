@@ -48,8 +48,9 @@ def test_all_assets_and_checks_pass(tmp_path, release):
     images_meta = result.asset_materializations_for_node("images")[0].metadata
     assert images_meta["dagster/row_count"].value == 30
     assert images_meta["quarantined"].value == 2
-    catalog = result.asset_materializations_for_node("warehouse_catalog")[0].metadata
-    assert "example_answers" in catalog
+    tour = result.asset_materializations_for_node("warehouse_tour")[0].metadata
+    assert tour["unanswered"].value == "none"
+    assert "**unique_prompts**" in tour["example_answers"].value
     table1 = result.asset_materializations_for_node("table1_stats")[0].metadata
     assert "paper raw" in table1["table1"].value
 

@@ -15,7 +15,7 @@ from tests.factory import image_row, model_row, to_table, user_hash, write_relea
 from warehouse.clean import CleanConfig, clean_release_table, images_spec, models_spec
 from warehouse.duck import connect
 from warehouse.lake import Lake
-from warehouse.release import discover, land_release_table
+from warehouse.release import discover, land_release_table, open_landing
 from warehouse.safety import LexiconScorer
 from warehouse.schema import IMAGES, MODELS
 
@@ -168,16 +168,22 @@ def test_rerun_gives_the_same_tables(dirty, tmp_path):
 # -- sad paths: from the release file to the quarantine ----------------------------------------
 
 
+def landing_of(lake, spec):
+    return open_landing(lake, spec.raw, spec.table, SALT)
+
+
 def land_and_clean(release, lake_root, cfg: CleanConfig | None = None):
     """Land and clean both release tables (no derived tables); (lake, con, reports)."""
     cfg = cfg or CleanConfig()
     lake = Lake(str(lake_root))
     for table in (IMAGES, MODELS):
         files = discover(str(release), table)
-        land_release_table(lake, f"raw/{table.name}", files, table, SALT)
+        land_release_table(lake, f"raw/{table.name}", files, table)
     con = connect(lake)
     reports = {
-        spec.table.name: clean_release_table(con, lake, spec, cfg, LexiconScorer.bundled())
+        spec.table.name: clean_release_table(
+            con, lake, spec, cfg, LexiconScorer.bundled(), landing_of(lake, spec)
+        )
         for spec in (images_spec(cfg), models_spec(cfg))
     }
     return lake, con, reports
@@ -307,7 +313,8 @@ def test_a_failed_clean_commits_neither_table(tmp_path, monkeypatch):
     monkeypatch.setattr(clean._Router, "route", broken)
     cfg = CleanConfig()
     with pytest.raises(OSError, match="disk full"):
-        clean_release_table(con, lake, images_spec(cfg), cfg, LexiconScorer.bundled())
+        spec = images_spec(cfg)
+        clean_release_table(con, lake, spec, cfg, LexiconScorer.bundled(), landing_of(lake, spec))
     assert (lake.current("images"), lake.current("quarantine/images")) == before
     versions = [p.name for p in (tmp_path / "lake" / "images").iterdir() if p.is_dir()]
     assert versions == [before[0].name]  # the failed version's folder was removed
@@ -334,16 +341,20 @@ def test_zoned_and_null_typed_columns_clean_to_the_clean_types(tmp_path):
 
 
 def test_several_writers_write_the_same_tables(tmp_path, monkeypatch):
-    """Small batches routed by three writer threads give the same clean and quarantine rows
-    as one writer, spread over several parts."""
+    """A release of several row groups read in small batches by three worker threads gives
+    the same clean and quarantine rows as one worker, spread over several parts."""
     import os
 
     import warehouse.clean as clean
+    import warehouse.release as release_module
 
     images = [image_row(i, 1 + i % 3) for i in range(1, 40)]
     images += [image_row(3, 1 + 3 % 3, likeCount=70), dict(images[5]), image_row(50, width=-1)]
     images += [image_row(60, browsingLevel=8), image_row(61, prompt="gore and torture")]
     release = write_release(tmp_path / "release", images, [model_row(1), model_row(1)])
+    pq.write_table(
+        to_table(images, IMAGES), release / "images" / "part-0.parquet", row_group_size=8
+    )
 
     def tables(lake_root):
         lake, con, reports = land_and_clean(release, lake_root)
@@ -356,8 +367,10 @@ def test_several_writers_write_the_same_tables(tmp_path, monkeypatch):
         )
         return lake, clean_rows, q, reports["images"]
 
+    monkeypatch.setattr(clean, "WRITERS", 1)
     _, one_rows, one_q, one = tables(tmp_path / "one")
     monkeypatch.setattr(clean, "ARROW_BATCH_ROWS", 4)
+    monkeypatch.setattr(release_module, "BATCH_ROWS", 3)
     monkeypatch.setattr(clean, "WRITERS", 3)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     lake, many_rows, many_q, many = tables(tmp_path / "many")

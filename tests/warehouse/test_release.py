@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -10,15 +12,46 @@ import pytest
 
 from tests.factory import image_row, model_row, to_table, write_release
 from warehouse.lake import Lake
-from warehouse.release import ReleaseFormatError, discover, land_release_table
-from warehouse.schema import IMAGES, MODELS
+from warehouse.release import (
+    LandingReport,
+    ReleaseFormatError,
+    discover,
+    land_release_table,
+    open_landing,
+)
+from warehouse.schema import IMAGES, MODELS, raw_landing_schema
+
+
+@dataclass
+class Read:
+    """What landing and then reading every row of the landing gave."""
+
+    landing: LandingReport
+    rows: int
+    files: list[str]
+    row_errors: dict[str, int] = field(default_factory=dict)
+    raw_usernames_hashed: int = 0
+
+
+def read_all(lake: Lake, table=IMAGES) -> tuple[pa.Table, dict[str, int], int]:
+    """Every canonical row of the committed landing, as the clean stage reads it, with the
+    row errors by message and the raw usernames hashed."""
+    landing = open_landing(lake, f"raw/{table.name}", table, "salt")
+    counters: dict[str, int] = {}
+    batches = [b for unit in landing.units for b in landing.batches(unit, counters)]
+    rows = pa.Table.from_batches(batches, schema=raw_landing_schema(table))
+    errors = rows.column("_ingest_error").drop_null()
+    counts = {i["values"]: i["counts"] for i in pc.value_counts(errors).to_pylist()}
+    return rows, counts, counters.get("raw_usernames_hashed", 0)
 
 
 def land(tmp_path, table=IMAGES):
     lake = Lake(str(tmp_path / "lake"))
     files = discover(str(tmp_path / "release"), table)
-    report = land_release_table(lake, f"raw/{table.name}", files, table, "salt")
-    return lake, report, lake.read_table(f"raw/{table.name}")
+    landed = land_release_table(lake, f"raw/{table.name}", files, table)
+    rows, errors, hashed = read_all(lake, table)
+    report = Read(landed, landed.rows, landed.files, errors, hashed)
+    return lake, report, rows
 
 
 def write_images(tmp_path, table: pa.Table, name="part-0.parquet"):
@@ -176,8 +209,11 @@ def test_raw_usernames_are_hashed_at_landing_and_never_stored(tmp_path):
         None,
     ]
     assert report.raw_usernames_hashed == 1
-    for path in (tmp_path / "lake").rglob("*.parquet"):
-        assert b"Pixel_Wizard" not in path.read_bytes()
+    written = list((tmp_path / "lake").rglob("*"))
+    assert written
+    for path in written:
+        if path.is_file():
+            assert b"Pixel_Wizard" not in path.read_bytes()
 
 
 def test_hashing_needs_a_salt():
@@ -204,8 +240,8 @@ def _overwrite(path, offset: int, data: bytes) -> None:
 
 @pytest.mark.parametrize("where", ["page header", "page body (checksummed)"])
 def test_corrupt_data_page_behind_a_valid_footer_is_a_clear_error(tmp_path, where):
-    """The footer reads fine (schema validated), a data page does not: the error names the
-    file, the row group and the row, and nothing is committed, even the good shard."""
+    """The footer reads fine (schema validated, so the landing commits), a data page does
+    not: reading it names the file, the row group and the row."""
     write_images(tmp_path, to_table([image_row(i) for i in range(10)], IMAGES), "part-0.parquet")
     bad = tmp_path / "release" / "images" / "part-1.parquet"
     rows = to_table([image_row(i) for i in range(100, 400)], IMAGES)
@@ -221,40 +257,72 @@ def test_corrupt_data_page_behind_a_valid_footer_is_a_clear_error(tmp_path, wher
     message = str(info.value)
     assert str(bad) in message
     assert "row group 1 at row 100" in message
-    lake = Lake(str(tmp_path / "lake"))
-    assert lake.current("raw/images") is None
-    assert not list((tmp_path / "lake").rglob("*.parquet"))  # the half-written version is gone
+
+
+def test_a_file_changed_after_landing_is_refused_until_landed_again(tmp_path):
+    path = write_images(tmp_path, to_table([image_row(1), image_row(2)], IMAGES))
+    lake, report, _ = land(tmp_path)
+    assert report.landing.row_groups == 1
+    pq.write_table(to_table([image_row(i) for i in range(50)], IMAGES), path)
+    with pytest.raises(ReleaseFormatError, match="changed since it was landed.*raw_images"):
+        open_landing(lake, "raw/images", IMAGES, "salt")
+    path.unlink()
+    with pytest.raises(ReleaseFormatError, match="landed release file is gone"):
+        open_landing(lake, "raw/images", IMAGES, "salt")
+    write_images(tmp_path, to_table([image_row(i) for i in range(50)], IMAGES))
+    land_release_table(lake, "raw/images", discover(str(tmp_path / "release"), IMAGES), IMAGES)
+    assert read_all(lake)[0].num_rows == 50
+
+
+def test_a_row_group_that_no_longer_matches_the_manifest_is_refused(tmp_path):
+    """Same size and version cannot be faked here, so the manifest is edited instead: a
+    landed row count the file does not hold is named."""
+    write_images(tmp_path, to_table([image_row(1), image_row(2)], IMAGES))
+    lake, _, _ = land(tmp_path)
+    manifest = lake.read_table("raw/images")
+    lake.write_table("raw/images", manifest.set_column(6, "rows", pa.array([3], pa.int64())))
+    with pytest.raises(ReleaseFormatError, match="row group 0 no longer holds the 3 landed"):
+        open_landing(lake, "raw/images", IMAGES, "salt")
 
 
 def test_failed_landing_keeps_the_previous_version(tmp_path):
-    path = write_images(tmp_path, to_table([image_row(1), image_row(2)], IMAGES))
+    write_images(tmp_path, to_table([image_row(1), image_row(2)], IMAGES), "part-0.parquet")
     lake, _, _ = land(tmp_path)
     before = lake.current("raw/images")
-    pq.write_table(
-        to_table([image_row(i) for i in range(50)], IMAGES), path, write_page_checksum=True
+    write_images(
+        tmp_path, to_table([image_row(3)], IMAGES).drop_columns(["seed"]), "part-1.parquet"
     )
-    chunk = _chunk(path, "url")
-    _overwrite(path, chunk.data_page_offset + chunk.total_compressed_size // 2, b"\x00" * 8)
-    with pytest.raises(ReleaseFormatError, match="unreadable data"):
+    with pytest.raises(ReleaseFormatError, match="missing column"):
         land(tmp_path)
     assert lake.current("raw/images") == before
-    assert lake.read_table("raw/images").num_rows == 2
+    assert lake.read_table("raw/images").column("rows").to_pylist() == [2]
 
 
-def test_row_groups_land_in_parallel_with_lineage(tmp_path):
-    """A single file of several row groups lands as one part per row group; _source_row
-    counts through the whole file."""
+def test_landing_needs_a_salt_to_be_read(tmp_path):
+    write_images(tmp_path, to_table([image_row(1)], IMAGES))
+    lake, _, _ = land(tmp_path)
+    with pytest.raises(ValueError, match="salt"):
+        open_landing(lake, "raw/images", IMAGES, "")
+
+
+def test_row_groups_are_units_with_lineage(tmp_path):
+    """A single file of several row groups is landed as one manifest row per row group;
+    _source_row counts through the whole file; nothing but the manifest is written."""
     rows = [image_row(i) for i in range(1, 12)]
     path = tmp_path / "release" / "images.parquet"
     path.parent.mkdir(parents=True)
     pq.write_table(to_table(rows, IMAGES), path, row_group_size=4)
     lake = Lake(str(tmp_path / "lake"))
     files = discover(str(tmp_path / "release"), IMAGES)
-    report = land_release_table(lake, "raw/images", files, IMAGES, "salt", workers=3)
-    parts = sorted((tmp_path / "lake" / "raw" / "images").rglob("part-*.parquet"))
-    assert len(parts) == 3
-    landed = lake.read_table("raw/images")
-    assert report.rows == 11
+    report = land_release_table(lake, "raw/images", files, IMAGES)
+    manifest = lake.read_table("raw/images")
+    assert manifest.column("row_group").to_pylist() == [0, 1, 2]
+    assert manifest.column("first_row").to_pylist() == [0, 4, 8]
+    assert manifest.column("rows").to_pylist() == [4, 4, 3]
+    assert manifest.column("file_bytes").to_pylist() == [path.stat().st_size] * 3
+    assert report.rows == 11 and report.row_groups == 3
+    assert len(list((tmp_path / "lake").rglob("*.parquet"))) == 1
+    landed, _, _ = read_all(lake)
     assert landed.column("_source_row").to_pylist() == list(range(11))
     assert landed.column("imageId").to_pylist() == list(range(1, 12))
     assert set(landed.column("_source_file").to_pylist()) == {str(path)}

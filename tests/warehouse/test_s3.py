@@ -9,7 +9,7 @@ from tests.factory import image_row, model_row, to_table
 from warehouse.clean import CleanConfig, clean_release_table, images_spec, models_spec
 from warehouse.duck import connect
 from warehouse.lake import Lake
-from warehouse.release import discover, land_release_table
+from warehouse.release import discover, land_release_table, open_landing
 from warehouse.safety import LexiconScorer
 from warehouse.schema import IMAGES, MODELS
 from warehouse.tables import build_derived
@@ -29,13 +29,18 @@ def test_release_on_s3_lands_cleans_and_derives_into_an_s3_lake(s3, s3_bucket):
     assert discover(release, IMAGES, s3) == [f"{release}/images/part-0.parquet"]
     lake = Lake(f"s3://{s3_bucket}/lake", s3)
     for table in (IMAGES, MODELS):
-        land_release_table(
-            lake, f"raw/{table.name}", discover(release, table, s3), table, "salt", s3
-        )
+        land_release_table(lake, f"raw/{table.name}", discover(release, table, s3), table, s3)
     con = connect(lake)
     cfg = CleanConfig()
     reports = [
-        clean_release_table(con, lake, spec, cfg, LexiconScorer.bundled())
+        clean_release_table(
+            con,
+            lake,
+            spec,
+            cfg,
+            LexiconScorer.bundled(),
+            open_landing(lake, spec.raw, spec.table, "salt", s3),
+        )
         for spec in (models_spec(cfg), images_spec(cfg))
     ]
     assert [r.rows_out for r in reports] == [2, 5]

@@ -23,7 +23,7 @@ from tests.factory import image_row, model_row, write_release
 from warehouse.clean import CleanConfig, clean_release_table, images_spec
 from warehouse.duck import connect
 from warehouse.lake import Lake
-from warehouse.release import discover, land_release_table
+from warehouse.release import discover, land_release_table, open_landing
 from warehouse.safety import (
     PAPER_THRESHOLD,
     Calibration,
@@ -293,10 +293,11 @@ def test_clean_stage_with_the_fallback_records_scorer_and_score(tmp_path, fallba
     release = write_release(tmp_path / "r", images, [model_row(1)])
     lake = Lake(str(tmp_path / "lake"))
     log = logging.getLogger("test")
-    land_release_table(lake, "raw/images", discover(str(release), IMAGES), IMAGES, "salt", log=log)
+    land_release_table(lake, "raw/images", discover(str(release), IMAGES), IMAGES, log=log)
     con = connect(lake)
     cfg = CleanConfig()
-    report = clean_release_table(con, lake, images_spec(cfg), cfg, make_scorer(None), log)
+    landing = open_landing(lake, "raw/images", IMAGES, "salt")
+    report = clean_release_table(con, lake, images_spec(cfg), cfg, make_scorer(None), landing, log)
     assert report.scorer == fallback.name
     kept = sorted(
         r[0] for r in con.execute(f"SELECT imageId FROM {lake.scan('images')}").fetchall()
