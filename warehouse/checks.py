@@ -217,9 +217,11 @@ def raw_usernames_check(con: duckdb.DuckDBPyConnection, lake: Lake) -> UsernameC
     for table, column in USER_HASH_COLUMNS.items():
         if lake.current(table) is None:
             continue
+        # grouped first, then filtered in the aggregate: written as a WHERE over a DISTINCT,
+        # DuckDB pushes the regex below the grouping and runs it on every row (2-3x slower)
         offenders[table] = con.execute(
-            f'SELECT count(*) FROM (SELECT DISTINCT "{column}" AS u FROM {lake.scan(table)}) '
-            f"WHERE NOT regexp_full_match(u, '{pattern}')"
+            f"SELECT count(*) FILTER (WHERE NOT regexp_full_match(u, '{pattern}')) "
+            f'FROM (SELECT "{column}" AS u FROM {lake.scan(table)} GROUP BY 1)'
         ).fetchone()[0]
     union = union_sql(lake)
     if union is not None:

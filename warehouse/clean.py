@@ -162,9 +162,9 @@ def images_spec(cfg: CleanConfig) -> CleanSpec:
             "concat(width, 'x', height)",
         ),
         *_date_rules("createdAt", cfg, required=True),
-        Rule(
+        Rule(  # strlen (bytes, O(1)) >= length (characters): only long prompts are counted
             "prompt too long",
-            f"length(prompt) > {cfg.max_prompt_chars}",
+            f"strlen(prompt) > {cfg.max_prompt_chars} AND length(prompt) > {cfg.max_prompt_chars}",
             f"printf('%d chars > {cfg.max_prompt_chars}', length(prompt))",
         ),
         Rule("negative reaction count", f"least({counts}) < 0"),

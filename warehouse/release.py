@@ -39,7 +39,7 @@ from warehouse.schema import (
 )
 from warehouse.users import normalize_user_hashes
 
-BATCH_ROWS = 131_072
+BATCH_ROWS = 262_144
 
 
 class ReleaseFormatError(ValueError):

@@ -28,6 +28,7 @@ and in each quarantine detail.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -550,8 +551,14 @@ class DetoxifyScorer:
         return out
 
 
+@functools.cache
+def _bundled_scorer() -> ModelLexiconScorer:
+    """The bundled fallback, parsed once per process (its model file has 15k rows)."""
+    return ModelLexiconScorer.bundled()
+
+
 def make_scorer(detoxify_checkpoint: str | None) -> ToxicityScorer:
     """Detoxify when a checkpoint is configured, else the bundled classifier + lexicon."""
     if detoxify_checkpoint:
         return DetoxifyScorer(detoxify_checkpoint)
-    return ModelLexiconScorer.bundled()
+    return _bundled_scorer()
