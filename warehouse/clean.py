@@ -11,6 +11,12 @@ Every raw row ends in exactly one of three places, decided in one staged pass:
 so ``rows_in = rows_out + quarantined + duplicates`` holds by construction, and an asset check
 verifies it from the written files. Rules are data (:class:`Rule`): a reason, a SQL condition
 and an optional detail expression, evaluated in order; the first that fires is the reason.
+
+The pass reads the landing (:class:`~warehouse.release.Landing`): every row group of the
+release is decoded once, by one of a few worker threads, each with its own single-threaded
+DuckDB connection that scores the batch's texts and runs the rules over it
+(:func:`fate_sql`), and its own Parquet writers. Only the keys that repeat (found first from
+the key columns alone) need a second look, among themselves (:func:`_resolve_held`).
 """
 
 from __future__ import annotations
