@@ -62,7 +62,7 @@ from warehouse.files import atomic_local_path, atomic_write_bytes
 from warehouse.paper import PAPER_RATIOS
 
 GENERATOR_NAME = "imagegem-sample"
-GENERATOR_VERSION = "1.3.0"
+GENERATOR_VERSION = "1.4.0"
 MANIFEST_NAME = "manifest.json"
 MAX_IMAGE_ROWS_PER_SHARD = 500_000
 MAX_MODEL_ROWS_PER_SHARD = 250_000

@@ -11,7 +11,10 @@ Written by `generator.generate_sample` when `SampleSpec.with_media` is set::
 Images. Each image is drawn from its style's palette (`styles.Style.palette`) with a shape motif
 per style (bubbles, a portrait, mountains, a car, a dog, ink strokes, a neon grid, a pixel
 mosaic, a plate, a starry castle) and degraded by its hidden quality (`image_truth.quality`):
-low quality → blur, noise and a low JPEG quality. Every image's bytes depend only on
+low quality → washed-out colours (the palette pulled toward its grey), blur, noise and a low
+JPEG quality. The washed-out palette is the part a CLIP model trained on prompts cannot learn
+to ignore (a blur or noise is invisible to the prompt; a muddy palette is off-style), so
+image embeddings carry quality as real CLIP embeddings carry aesthetics. Every image's bytes depend only on
 (seed, imageId, style, quality, size). Rendering all ~35k images of the default sample would
 cost ~15 s, so only a bounded, deterministic subset gets media: whole users, in a seeded order,
 while their images fit under `SampleSpec.media_images` (3,000 by default) — every user with
@@ -142,19 +145,22 @@ class Degradation:
     blur_radius: float  # box blur radius in pixels
     noise_sigma: float  # Gaussian noise, 0-255 scale
     jpeg_quality: int
+    washout: float  # share of the way each palette colour is pulled toward the palette's grey
 
 
 def degradation(quality: float) -> Degradation:
-    """Low quality → blur, noise, strong JPEG compression; high quality → sharp and clean.
+    """Low quality → washed-out colours, blur, noise, strong JPEG compression; high quality →
+    true colours, sharp and clean.
 
-    d = sigmoid(-2.5 q): box blur radius 2.4 d², noise σ 14 d (0-255 scale), JPEG quality
-    94 - 66 d.
+    d = sigmoid(-2.5 q): washout 0.7 d, box blur radius 2.4 d², noise σ 14 d (0-255 scale),
+    JPEG quality 94 - 66 d.
     """
     d = float(1.0 / (1.0 + np.exp(2.5 * float(quality))))
     return Degradation(
         blur_radius=round(2.4 * d * d, 3),
         noise_sigma=round(14.0 * d, 3),
         jpeg_quality=int(round(94 - 66 * d)),
+        washout=round(0.7 * d, 3),
     )
 
 
@@ -342,13 +348,14 @@ def render_image(
     w, h = size
     palette = _PALETTES[style][rng.permutation(_PALETTES.shape[1])]
     palette = np.clip(palette + rng.integers(-8, 9, size=palette.shape), 0, 255)
+    spoil = degradation(quality)
+    palette = np.round((1.0 - spoil.washout) * palette + spoil.washout * palette.mean())
     colours: list[Colour] = [(int(r), int(g), int(b)) for r, g, b in palette.tolist()]
     mask = _gradient((w, h), int(rng.integers(0, 8)))
     image = Image.composite(
         Image.new("RGB", (w, h), colours[1]), Image.new("RGB", (w, h), colours[0]), mask
     )
     image = _motif(ImageDraw.Draw(image), image, style, w, h, colours, rng)
-    spoil = degradation(quality)
     if spoil.blur_radius >= 0.15:
         image = image.filter(ImageFilter.BoxBlur(spoil.blur_radius))
     if spoil.noise_sigma >= 0.5:
@@ -438,6 +445,7 @@ class ImageRenderer:
                 "blur_radius": pa.array([d.blur_radius for d in spoil], type=pa.float64()),
                 "noise_sigma": pa.array([d.noise_sigma for d in spoil], type=pa.float64()),
                 "jpeg_quality": pa.array([d.jpeg_quality for d in spoil], type=pa.int64()),
+                "washout": pa.array([d.washout for d in spoil], type=pa.float64()),
             }
         )
 

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from pipelines.sample import styles as st
 from pipelines.sample import text as tx
 from pipelines.sample.world import (
+    EPOCH_END,
     FILE_TYPES,
     IMAGE_MALFORMED_KINDS,
     IMAGE_UNSAFE_KINDS,
@@ -555,6 +556,31 @@ def audience_weight(world: World) -> np.ndarray:
     return audience / audience.mean()
 
 
+# Exposure: what makes an image collect reactions besides its quality and style. An uploader's
+# reach (followers) multiplies every image of theirs; an image keeps collecting reactions for
+# weeks after it is posted, so the newest images of the snapshot have had less time.
+FAME_SIGMA = 0.7  # log-normal spread of uploader reach
+EXPOSURE_TAU_DAYS = 30.0  # an image has collected 1 - exp(-age / tau) of its reactions
+
+
+def user_fame(world: World) -> np.ndarray:
+    """Per user, the reach that multiplies the reactions of their images: exp(FAME_SIGMA z),
+    z standard normal drawn from the user's hash (no RNG stream is consumed, so the rest of
+    the world does not move when this changes)."""
+    words = np.array([int(h[:16], 16) for h in world.users.hashes], dtype=np.uint64)
+    u1 = ((words >> np.uint64(32)).astype(np.float64) + 0.5) / 2.0**32
+    u2 = ((words & np.uint64(0xFFFFFFFF)).astype(np.float64) + 0.5) / 2.0**32
+    z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)  # Box-Muller
+    return np.exp(FAME_SIGMA * z)
+
+
+def image_exposure(created: np.ndarray) -> np.ndarray:
+    """The share of its reactions an image created at ``created`` (epoch seconds) has
+    collected by the snapshot (EPOCH_END): 1 - exp(-age_days / EXPOSURE_TAU_DAYS)."""
+    age_days = np.maximum(EPOCH_END - created.astype(np.float64), 0.0) / 86400.0
+    return 1.0 - np.exp(-age_days / EXPOSURE_TAU_DAYS)
+
+
 def build_image_shard(
     world: World,
     settings: RecipeSettings,
@@ -589,9 +615,12 @@ def build_image_shard(
         "dislikeCount": 0.05,
         "commentCount": 0.4,
     }
-    appeal = np.exp(0.8 * quality) * audience
+    fame = user_fame(world)[image_user]
+    exposure = image_exposure(images.image_created[first_image:stop_image])
+    appeal = np.exp(0.8 * quality) * audience * fame * exposure
+    dislike = np.exp(-0.5 * quality) * fame * exposure
     reactions = {
-        name: rng.poisson(rate * (appeal if name != "dislikeCount" else np.exp(-0.5 * quality)))
+        name: rng.poisson(rate * (appeal if name != "dislikeCount" else dislike))
         for name, rate in rates.items()
     }
     seed_value = rng.integers(0, 2**32, size=n_images, dtype=np.int64)
@@ -742,6 +771,8 @@ def build_image_shard(
             "style_id": pa.array(style[local].astype(np.int64)),
             "recipe_id": pa.array(row_recipe.astype(np.int64)),
             "quality": pa.array(quality[local]),
+            "fame": pa.array(fame[local]),
+            "exposure": pa.array(exposure[local]),
             "unsafe_kind": _kind_names(images.recipe_unsafe[row_recipe], IMAGE_UNSAFE_KINDS),
             "malformed_kind": _kind_names(row_malformed, IMAGE_MALFORMED_KINDS),
             "duplicate_of_row": _nullable(duplicate_of, duplicate_of < 0, pa.int64()),
@@ -803,6 +834,7 @@ def user_tastes_truth(world: World) -> pa.Table:
             "activity": pa.array(users.activity),
             "planned_images": pa.array(n_images.astype(np.int64)),
             "is_uploader": pa.array(users.is_uploader),
+            "fame": pa.array(user_fame(world)),
         }
     )
 

@@ -269,6 +269,25 @@ def test_reactions_rise_with_quality_and_audience(con: duckdb.DuckDBPyConnection
     assert np.corrcoef(audience_rank, likes_rank)[0, 1] > 0.5
 
 
+def test_reactions_grow_with_the_uploaders_reach_and_the_images_age(
+    con: duckdb.DuckDBPyConnection,
+) -> None:
+    """Exposure is planted: an uploader's reach (``fame``) multiplies the reactions of all
+    their images, and the newest images of the snapshot have had less time (``exposure``),
+    so raw reaction counts are not quality alone."""
+    rows = con.execute(
+        "select t.quality, t.fame, t.exposure, i.likeCount + i.heartCount from clean_images i "
+        "join image_truth t using (row_index) where t.exposure > 0.01"
+    ).fetchall()
+    quality, fame, exposure, reactions = (np.array(c, dtype=float) for c in zip(*rows))
+    assert fame.std() > 0.3 and exposure.min() < 0.5 < exposure.max()
+    design = np.column_stack([np.ones_like(quality), quality, np.log(fame), np.log(exposure)])
+    coef, *_ = np.linalg.lstsq(design, np.log1p(reactions), rcond=None)
+    assert coef[1] > 0.3 and coef[2] > 0.3 and coef[3] > 0.2, coef
+    users = con.execute("select count(*), count(distinct fame) from user_tastes").fetchone()
+    assert users[0] == users[1]  # one reach per user, recorded in the truth
+
+
 def test_popularity_is_heavy_tailed(con: duckdb.DuckDBPyConnection) -> None:
     per_lora = np.array(
         [

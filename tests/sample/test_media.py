@@ -53,15 +53,19 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def image_stats(sample: SampleSummary) -> dict[str, np.ndarray]:
-    """Per image with media: truth style / quality and measurements of the decoded pixels."""
+    """Per image with media: truth style / quality and measurements of the decoded pixels.
+
+    Colours are compared with every style's palette washed out as much as this image's
+    quality says (``image_media.washout``: each colour pulled toward its palette's grey)."""
     palettes = [np.array(s.palette, dtype=float) for s in st.STYLES]
-    colours = np.concatenate(palettes)  # (styles * 5, 3)
-    colours_t = np.ascontiguousarray(colours.T)  # a contiguous right operand: fast matmul
-    palette_means = np.array([p.mean(0) for p in palettes])
     rows = [r for r in _truth(sample, "image_media") if r["has_media"]][::2]
     out: dict[str, list] = {k: [] for k in ("style", "quality", "fit", "mean", "sharp", "noise")}
     out["quant"] = []
     for row in rows:  # style-major colours: palette s is colours[5 s : 5 s + 5]
+        washed = [(1 - row["washout"]) * p + row["washout"] * p.mean() for p in palettes]
+        colours = np.concatenate(washed)  # (styles * 5, 3)
+        colours_t = np.ascontiguousarray(colours.T)  # a contiguous right operand: fast matmul
+        palette_means = np.array([p.mean(0) for p in washed])
         with Image.open(sample.out / row["path"]) as image:
             assert image.format == "JPEG" and image.mode == "RGB"
             assert image.size == (row["media_width"], row["media_height"])
@@ -83,12 +87,14 @@ def image_stats(sample: SampleSummary) -> dict[str, np.ndarray]:
             - grey[1:-1, :-2]
             - grey[1:-1, 2:]
         )
+        saturation = (pixels.max(2) - pixels.min(2)).mean()
         out["style"].append(row["style_id"])
         out["quality"].append(row["quality"])
         out["fit"].append(int(np.argmin(fit)))
         out["mean"].append(int(np.argmin(((palette_means - mean) ** 2).sum(1))))
         out["sharp"].append(np.percentile(grad, 99))
         out["noise"].append(np.median(np.abs(lap)))
+        out.setdefault("saturation", []).append(saturation)
     return {k: np.array(v) for k, v in out.items()}
 
 
@@ -156,6 +162,14 @@ def test_low_quality_images_are_blurred_noisy_and_compressed(
     # medians: sharp textured motifs of high-quality images give a few large outliers
     assert np.median(image_stats["noise"][low]) > np.median(image_stats["noise"][high])
     assert _spearman(quality, image_stats["quant"]) < -0.9  # coarser JPEG tables
+    # washed-out colours: within a style, the colours of low-quality images are greyer
+    by_style = {
+        style: _spearman(quality[mine], image_stats["saturation"][mine])
+        for style in set(image_stats["style"].tolist())
+        if (mine := image_stats["style"] == style).sum() >= 20
+    }
+    assert len(by_style) >= 5 and min(by_style.values()) > 0.1
+    assert np.median(list(by_style.values())) > 0.6
 
 
 def test_degradation_is_monotone_in_quality() -> None:
@@ -164,7 +178,9 @@ def test_degradation_is_monotone_in_quality() -> None:
         assert worse.blur_radius >= better.blur_radius
         assert worse.noise_sigma >= better.noise_sigma
         assert worse.jpeg_quality <= better.jpeg_quality
+        assert worse.washout >= better.washout
     assert spoils[0].jpeg_quality < 40 < 90 < spoils[-1].jpeg_quality
+    assert spoils[0].washout > 0.6 and spoils[-1].washout < 0.01
 
 
 # --- LoRA files -------------------------------------------------------------------------------
