@@ -576,14 +576,9 @@ def embedding_eval(
     from ml.evaluation.embedding_quality import evaluate_embeddings, style_map
     from ml.train_clip import holdout_mask
 
-    roots = [warehouse.sample_dir()]
-    if warehouse.source == "release" and warehouse.release_path:
-        roots.insert(0, warehouse.release_path)
-    sample_root = next((r for r in roots if os.path.isdir(os.path.join(r, "truth"))), None)
+    sample_root = warehouse.truth_root()
     if sample_root is None:
-        context.log.info(
-            f"no planted truth under {' or '.join(roots)}: nothing to evaluate, no materialization"
-        )
+        context.log.info("no planted truth: nothing to evaluate, no materialization")
         return
     lake, con = warehouse.lake(), warehouse.duck()
     enc = _encoder(warehouse, encoder)

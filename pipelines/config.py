@@ -26,6 +26,7 @@ from pipelines.resources import (
     EncoderResource,
     MediaResource,
     PipelineResources,
+    PreferencesResource,
     WarehouseResource,
 )
 
@@ -34,6 +35,7 @@ RESOURCE_CLASSES: dict[str, type[dg.ConfigurableResource]] = {
     "civitai": CivitaiResource,
     "media": MediaResource,
     "encoder": EncoderResource,
+    "preferences": PreferencesResource,
 }
 
 # The first daily crawl partition when IMAGEGEM_CRAWL_START is unset. Fixed, so the partition
@@ -104,6 +106,10 @@ def _m(name: str, field: str, meaning: str, **kw: Any) -> Variable:
 
 def _e(name: str, field: str, meaning: str, **kw: Any) -> Variable:
     return Variable(name, "encoder", meaning, "encoder", field, **kw)
+
+
+def _p(name: str, field: str, meaning: str, **kw: Any) -> Variable:
+    return Variable(name, "preferences", meaning, "preferences", field, **kw)
 
 
 VARIABLES: tuple[Variable, ...] = (
@@ -220,6 +226,45 @@ VARIABLES: tuple[Variable, ...] = (
         "embeddings stage",
         "static shards of `image_embeddings` (partitions; fixed when the code location loads)",
         literal_default=str(DEFAULT_EMBED_SHARDS),
+    ),
+    # preference and alignment stages
+    _p(
+        "IMAGEGEM_HPSV2_CHECKPOINT",
+        "hpsv2_checkpoint",
+        "local HPSv2 checkpoint (`HPS_v2_compressed.pt`, loaded weights-only); set → "
+        "`image_scores` runs HPSv2 and pairs use it",
+    ),
+    _p("IMAGEGEM_HPSV2_MODEL", "hpsv2_model", "open_clip config of the HPSv2 checkpoint"),
+    _p(
+        "IMAGEGEM_PAIR_SCORER",
+        "pair_scorer",
+        "scorer that orders each prompt cluster's images: `auto` (HPSv2 when configured, else "
+        "the reward model), `hpsv2`, `reward_model` or `clip_score`",
+    ),
+    _p(
+        "IMAGEGEM_PAIRS_TOP_K",
+        "pairs_top_k",
+        "pairs per prompt cluster: the k best against the k worst (1 = best vs worst)",
+    ),
+    _p(
+        "IMAGEGEM_REWARD_SECONDS",
+        "reward_seconds",
+        "wall-time budget of `reward_model`'s training",
+    ),
+    _p(
+        "IMAGEGEM_DPO_BASE",
+        "dpo_base",
+        "local diffusers folder of the base model `dpo_lora` fine-tunes (SD 1.5 in "
+        "production); unset → a tiny SD-1.5-shaped pipeline the pipeline builds from config",
+    ),
+    _p("IMAGEGEM_DPO_STEPS", "dpo_steps", "most optimisation steps of `dpo_lora`"),
+    _p("IMAGEGEM_DPO_SECONDS", "dpo_seconds", "wall-time budget of `dpo_lora`'s training"),
+    _p("IMAGEGEM_DPO_BETA", "dpo_beta", "Diffusion-DPO's β (the paper's 5000 × 0.5 for SD 1.5)"),
+    _p("IMAGEGEM_DPO_RANK", "dpo_rank", "rank of the DPO LoRA (its alpha equals the rank)"),
+    _p(
+        "IMAGEGEM_DPO_RESOLUTION",
+        "dpo_resolution",
+        "training image size of `dpo_lora` (32 for the tiny base; 512 for SD 1.5)",
     ),
     # command line and local tools
     Variable(

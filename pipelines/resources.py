@@ -4,7 +4,9 @@
   DuckDB is bounded, which source is ingested and how rows are cleaned;
 * :class:`CivitaiResource` (``civitai``) — the Civitai site the crawl and downloads talk to;
 * :class:`MediaResource` (``media``) — what the image and LoRA downloads fetch and keep;
-* :class:`EncoderResource` (``encoder``) — the encoder, checkpoint and device of the ML stages.
+* :class:`EncoderResource` (``encoder``) — the encoder, checkpoint and device of the ML stages;
+* :class:`PreferencesResource` (``preferences``) — the preference and alignment stages:
+  scorers and their checkpoints, pairing, the reward model and the Diffusion-DPO fine-tune.
 
 Each is built with plain values (CLI, tests) or, in the code location, bound to environment
 variables as ``dg.EnvVar`` so the UI shows where a value comes from and never the value. The
@@ -79,6 +81,15 @@ class WarehouseResource(dg.ConfigurableResource):
         """Where the embedded sample is generated (always local: it is the 'download')."""
         base = os.path.abspath("data") if is_remote(self.home) else self.home_root()
         return os.path.join(base, "sources", "sample")
+
+    def truth_root(self) -> str | None:
+        """The sample folder holding a planted ``truth/`` for the evaluation assets (the
+        configured release when it is a generated sample, else the embedded sample), or
+        None on data without planted truth (a published release, the live crawl)."""
+        roots = [self.sample_dir()]
+        if self.source == "release" and self.release_path:
+            roots.insert(0, self.release_path)
+        return next((r for r in roots if os.path.isdir(os.path.join(r, "truth"))), None)
 
     def civitai_release_dir(self) -> str:
         """Where the crawl's pages, mapped to the release format, are written."""
@@ -202,7 +213,49 @@ class EncoderResource(dg.ConfigurableResource):
         return load_encoder(self.encoder, checkpoint, self.device, self.precision)
 
 
-RESOURCE_KEYS = ("warehouse", "civitai", "media", "encoder")
+class PreferencesResource(dg.ConfigurableResource):
+    """The preference and alignment stages (ImageGem's aggregate preference alignment).
+
+    ``hpsv2_checkpoint``: a local HPSv2 checkpoint (open_clip ``hpsv2_model``, ViT-H-14);
+    when set, ``image_scores`` also runs HPSv2 and it is the default pair scorer.
+    ``pair_scorer``: which scorer orders the images of a cluster (``auto``: HPSv2 when
+    configured, else the reaction-trained reward model; or ``hpsv2``, ``reward_model``,
+    ``clip_score``); ``pairs_top_k`` pairs per cluster (1: best vs worst, as the paper).
+    ``reward_seconds`` bounds the reward model's training. ``dpo_base``: a local diffusers
+    folder of the base model (SD 1.5 in production); unset, the pipeline builds a tiny SD-1.5
+    shaped pipeline from config once and fine-tunes that (every output says ``tiny_model``).
+    ``dpo_steps`` / ``dpo_seconds`` bound the fine-tune; ``dpo_beta`` and ``dpo_rank`` are
+    Diffusion-DPO's β and the LoRA rank; ``dpo_resolution`` the training image size (32 for
+    the tiny base, 512 for SD 1.5).
+    """
+
+    hpsv2_checkpoint: str | None = None
+    hpsv2_model: str = "ViT-H-14"
+    pair_scorer: str = "auto"
+    pairs_top_k: int = 1
+    reward_seconds: int = 60
+    dpo_base: str | None = None
+    dpo_steps: int = 400
+    dpo_seconds: int = 60
+    dpo_beta: int = 2500
+    dpo_rank: int = 4
+    dpo_resolution: int = 32
+
+    def scorer_for_pairs(self) -> str:
+        """The scorer ``preference_pairs`` orders clusters by."""
+        choices = ("auto", "hpsv2", "reward_model", "clip_score")
+        if self.pair_scorer not in choices:
+            raise ValueError(
+                f"IMAGEGEM_PAIR_SCORER={self.pair_scorer!r}: expected one of {', '.join(choices)}"
+            )
+        if self.pair_scorer == "auto":
+            return "hpsv2" if self.hpsv2_checkpoint else "reward_model"
+        if self.pair_scorer == "hpsv2" and not self.hpsv2_checkpoint:
+            raise ValueError("IMAGEGEM_PAIR_SCORER=hpsv2 needs IMAGEGEM_HPSV2_CHECKPOINT")
+        return self.pair_scorer
+
+
+RESOURCE_KEYS = ("warehouse", "civitai", "media", "encoder", "preferences")
 
 
 @dataclass(frozen=True)
@@ -213,6 +266,7 @@ class PipelineResources:
     civitai: CivitaiResource = field(default_factory=CivitaiResource)
     media: MediaResource = field(default_factory=MediaResource)
     encoder: EncoderResource = field(default_factory=EncoderResource)
+    preferences: PreferencesResource = field(default_factory=PreferencesResource)
 
     def as_dict(self) -> dict[str, dg.ConfigurableResource]:
         """Resource key → resource, for ``Definitions`` and ``execute_in_process``."""
