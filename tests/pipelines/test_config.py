@@ -15,6 +15,7 @@ from pipelines.resources import (
     EncoderResource,
     MediaResource,
     PipelineResources,
+    PreferencesResource,
     WarehouseResource,
 )
 
@@ -67,6 +68,7 @@ def test_registry_binds_real_fields_with_the_fields_defaults():
         "civitai": CivitaiResource,
         "media": MediaResource,
         "encoder": EncoderResource,
+        "preferences": PreferencesResource,
     }
     assert {v.resource for v in VARIABLES} - {None} == set(classes)
     for variable in VARIABLES:
@@ -143,7 +145,7 @@ def test_resources_build_with_plain_values():
         CivitaiResource(base_url="http://127.0.0.1:1", rate_limit=0),
         MediaResource(image_base_url="http://img"),
     )
-    assert set(resources.as_dict()) == {"warehouse", "civitai", "media", "encoder"}
+    assert set(resources.as_dict()) == {"warehouse", "civitai", "media", "encoder", "preferences"}
     assert resources.warehouse.release_root() == "/r"
     assert resources.media.image_url_map(resources.civitai.base_url) == {
         "https://image.civitai.com": "http://img"
