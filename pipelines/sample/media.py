@@ -152,7 +152,7 @@ def degradation(quality: float) -> Degradation:
     """Low quality → washed-out colours, blur, noise, strong JPEG compression; high quality →
     true colours, sharp and clean.
 
-    d = sigmoid(-2.5 q): washout 0.7 d, box blur radius 2.4 d², noise σ 14 d (0-255 scale),
+    d = sigmoid(-2.5 q): washout 0.9 d, box blur radius 2.4 d², noise σ 14 d (0-255 scale),
     JPEG quality 94 - 66 d.
     """
     d = float(1.0 / (1.0 + np.exp(2.5 * float(quality))))
@@ -160,7 +160,7 @@ def degradation(quality: float) -> Degradation:
         blur_radius=round(2.4 * d * d, 3),
         noise_sigma=round(14.0 * d, 3),
         jpeg_quality=int(round(94 - 66 * d)),
-        washout=round(0.7 * d, 3),
+        washout=round(0.9 * d, 3),
     )
 
 
