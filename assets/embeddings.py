@@ -19,12 +19,13 @@ import numpy as np
 import pyarrow as pa
 
 from assets.media import image_files
+from assets.ml_common import TINY_NOTE, encoder_of, local_files_dir, plot, publish, tiny_meta
 from assets.warehouse import images
-from ml.plots import histogram_plot, line_plot, png_markdown, scatter_plot
+from ml.plots import histogram_plot, line_plot, scatter_plot
 from pipelines.partitions import embedding_shards
 from pipelines.resources import EncoderResource, WarehouseResource
 from warehouse import embeddings as emb
-from warehouse.artifacts import Artifact, files_dir, latest_artifact, record_artifact
+from warehouse.artifacts import Artifact, latest_artifact, record_artifact
 from warehouse.catalog import build_catalog
 from warehouse.preview import markdown_table
 from warehouse.quarantine import QuarantineRecord, quarantine_table
@@ -32,47 +33,6 @@ from warehouse.quarantine import QuarantineRecord, quarantine_table
 GROUP = "embeddings"
 WEEKLY = dg.AutomationCondition.on_cron("0 3 * * 0")  # retrains: Sunday 03:00 UTC
 DAILY = dg.AutomationCondition.on_cron("0 4 * * *")
-TINY_NOTE = (
-    "made by a tiny development encoder trained on the sample, not a production model: "
-    "figures show the pipeline works, not what ViT-H-14 would give"
-)
-
-
-def _encoder(warehouse: WarehouseResource, encoder: EncoderResource):
-    cache = os.path.join(tempfile.gettempdir(), "imagegem-encoder-cache")
-    return encoder.load(warehouse.lake(), cache)
-
-
-def _tiny_meta(enc) -> dict[str, dg.MetadataValue]:
-    meta: dict[str, dg.MetadataValue] = {
-        "encoder": dg.MetadataValue.text(enc.tag),
-        "tiny_model": dg.MetadataValue.bool(enc.is_tiny),
-    }
-    if enc.is_tiny:
-        meta["note"] = dg.MetadataValue.text(TINY_NOTE)
-    return meta
-
-
-def _plot(png: bytes, alt: str) -> dg.MetadataValue:
-    return dg.MetadataValue.md(png_markdown(png, alt))
-
-
-def _local_files_dir(warehouse: WarehouseResource, name: str, tag: str) -> tuple[str, str]:
-    """(local folder to write an artefact's files in, where they are kept on the lake)."""
-    lake = warehouse.lake()
-    target = files_dir(lake, name, tag)
-    if lake.remote:
-        return tempfile.mkdtemp(prefix=f"imagegem-{name}-"), target
-    os.makedirs(target, exist_ok=True)
-    return target, target
-
-
-def _publish(warehouse: WarehouseResource, local: str, target: str) -> None:
-    """Copy an artefact's files to the lake when the lake is remote (local: already there)."""
-    lake = warehouse.lake()
-    if lake.remote:
-        for name in sorted(os.listdir(local)):
-            lake.fs.put(os.path.join(local, name), f"{target}/{name}")
 
 
 @dg.asset(
@@ -115,7 +75,7 @@ def clip_encoder(
             ),
         )
         return dg.MaterializeResult(
-            metadata={**_tiny_meta(enc), "registered": dg.MetadataValue.path(encoder.checkpoint)}
+            metadata={**tiny_meta(enc), "registered": dg.MetadataValue.path(encoder.checkpoint)}
         )
 
     pairs = emb.training_pairs(con, lake)
@@ -148,10 +108,10 @@ def clip_encoder(
     with tempfile.TemporaryDirectory(prefix="imagegem-clip-") as scratch:
         checkpoint, config_path, digest = save_trained(result, scratch)
         tag = f"{config.model}@{digest[:16]}"
-        local, target = _local_files_dir(warehouse, "clip_encoder", tag)
+        local, target = local_files_dir(warehouse, "clip_encoder", tag)
         for path in (checkpoint, config_path):
             os.replace(path, os.path.join(local, os.path.basename(path)))
-        _publish(warehouse, local, target)
+        publish(warehouse, local, target)
     metrics = {
         "recall_at_10_trained": round(result.recall_at_10, 4),
         "recall_at_10_init": round(result.init_recall_at_10, 4),
@@ -195,11 +155,11 @@ def clip_encoder(
             "note": dg.MetadataValue.text(TINY_NOTE),
             **{k: v for k, v in metrics.items() if v is not None},
             "checkpoint": dg.MetadataValue.path(f"{target}/{os.path.basename(checkpoint)}"),
-            "loss_curve": _plot(
+            "loss_curve": plot(
                 line_plot({"train loss": (steps, losses)}, "CLIP contrastive loss", "step", "loss"),
                 "loss curve",
             ),
-            "holdout_recall_curve": _plot(
+            "holdout_recall_curve": plot(
                 line_plot(
                     {"held-out image→prompt Recall@10": (eval_steps, recalls)},
                     "held-out Recall@10 (step 0 = random init)",
@@ -234,7 +194,7 @@ def image_embeddings(
     shard = emb.shard_index(context.partition_key)
     n_shards = len(embedding_shards.get_partition_keys())
     lake, con = warehouse.lake(), warehouse.duck()
-    enc = _encoder(warehouse, encoder)
+    enc = encoder_of(warehouse, encoder)
     todo = emb.images_to_embed(con, lake, shard, n_shards, enc.tag)
     table = emb.shard_table(shard)
     if todo.num_rows == 0 and lake.current(table) is not None:
@@ -296,7 +256,7 @@ def image_embeddings(
         reasons[key] = reasons.get(key, 0) + 1
     yield dg.MaterializeResult(
         metadata={
-            **_tiny_meta(enc),
+            **tiny_meta(enc),
             "dagster/row_count": writer.carried_rows + writer.rows,
             "embedded": writer.rows,
             "carried_over": writer.carried_rows,
@@ -325,7 +285,7 @@ def prompt_embeddings(
     from ml.embed import embed_texts
 
     lake, con = warehouse.lake(), warehouse.duck()
-    enc = _encoder(warehouse, encoder)
+    enc = encoder_of(warehouse, encoder)
     todo = emb.prompts_to_embed(con, lake, enc.tag)
     schema = emb.prompt_embeddings_schema(enc.embed_dim)
     started = time.monotonic()
@@ -348,7 +308,7 @@ def prompt_embeddings(
     seconds = time.monotonic() - started
     return dg.MaterializeResult(
         metadata={
-            **_tiny_meta(enc),
+            **tiny_meta(enc),
             "dagster/row_count": writer.carried_rows + writer.rows,
             "embedded": writer.rows,
             "carried_over": writer.carried_rows,
@@ -372,7 +332,7 @@ def lora_embeddings(
     images that used it (as ImageGem does), with how many images went in. LoRAs none of whose
     images was embedded get no vector; they are counted, not invented."""
     lake, con = warehouse.lake(), warehouse.duck()
-    enc = _encoder(warehouse, encoder)
+    enc = encoder_of(warehouse, encoder)
     means = emb.lora_means(con, lake, enc.tag)
     schema = emb.lora_embeddings_schema(enc.embed_dim)
     lake.write_table(
@@ -390,11 +350,11 @@ def lora_embeddings(
     hist, edges = np.histogram(counts, bins=np.append(edges, edges[-1] + 1))
     return dg.MaterializeResult(
         metadata={
-            **_tiny_meta(enc),
+            **tiny_meta(enc),
             "dagster/row_count": len(means.model_version_ids),
             "loras_without_images": means.loras_without_images,
             "median_images_per_lora": float(np.median(counts)) if len(counts) else 0.0,
-            "images_per_lora": _plot(
+            "images_per_lora": plot(
                 histogram_plot(
                     edges, hist, "images per LoRA vector", "images", "LoRAs", log_x=True
                 ),
@@ -420,16 +380,16 @@ def image_index(
     from ml.index import IndexConfig, build_index, recall_at_k
 
     lake, con = warehouse.lake(), warehouse.duck()
-    enc = _encoder(warehouse, encoder)
+    enc = encoder_of(warehouse, encoder)
     ids, vectors = emb.all_image_vectors(con, lake, enc.tag)
     config = IndexConfig()
     started = time.monotonic()
     index = build_index(ids, vectors, config)
     build_seconds = time.monotonic() - started
     recall = recall_at_k(index, ids, vectors, k=10, n_queries=min(1000, len(ids)))
-    local, target = _local_files_dir(warehouse, "image_index", enc.tag)
+    local, target = local_files_dir(warehouse, "image_index", enc.tag)
     index.save(os.path.join(local, "image_index.usearch"))
-    _publish(warehouse, local, target)
+    publish(warehouse, local, target)
     from ml.encoders.checkpoint import file_sha256
 
     digest = file_sha256(os.path.join(local, "image_index.usearch"))  # type: ignore[arg-type]
@@ -450,7 +410,7 @@ def image_index(
     )
     return dg.MaterializeResult(
         metadata={
-            **_tiny_meta(enc),
+            **tiny_meta(enc),
             "dagster/row_count": int(len(ids)),
             "recall_at_10_vs_exact": round(recall, 4),
             "build_seconds": round(build_seconds, 2),
@@ -474,7 +434,7 @@ def prompt_clusters(
     from ml.clustering import ClusterConfig, cluster_embeddings, size_histogram
 
     lake, con = warehouse.lake(), warehouse.duck()
-    enc = _encoder(warehouse, encoder)
+    enc = encoder_of(warehouse, encoder)
     ids, vectors = emb.read_vectors(con, lake.scan(emb.PROMPT_EMBEDDINGS), "prompt_id", enc.tag)
     result = cluster_embeddings(vectors, ClusterConfig(), log=context.log)
     lake.write_table(
@@ -490,12 +450,12 @@ def prompt_clusters(
     edges, counts = size_histogram(result)
     return dg.MaterializeResult(
         metadata={
-            **_tiny_meta(enc),
+            **tiny_meta(enc),
             "dagster/row_count": int(len(ids)),
             "clusters": int(result.n_clusters),
             "noise_share": round(float(result.noise_share), 4),
             "path": result.path,
-            "cluster_sizes": _plot(
+            "cluster_sizes": plot(
                 histogram_plot(
                     edges,
                     counts,
@@ -524,7 +484,7 @@ def embedding_map(
     from ml.projection import project_2d
 
     lake, con = warehouse.lake(), warehouse.duck()
-    enc = _encoder(warehouse, encoder)
+    enc = encoder_of(warehouse, encoder)
     ids, vectors = emb.all_image_vectors(con, lake, enc.tag)
     projection = project_2d(vectors)
     labels = emb.image_base_models(con, lake, ids)
@@ -543,12 +503,12 @@ def embedding_map(
     ratio = projection.explained_variance_ratio
     return dg.MaterializeResult(
         metadata={
-            **_tiny_meta(enc),
+            **tiny_meta(enc),
             "dagster/row_count": int(len(ids)),
             "explained_variance": dg.MetadataValue.json([round(float(r), 4) for r in ratio])
             if ratio is not None
             else None,
-            "map": _plot(
+            "map": plot(
                 scatter_plot(projection.xy, labels, f"image embeddings (PCA), {enc.tag}"),
                 "embedding map",
             ),
@@ -581,7 +541,7 @@ def embedding_eval(
         context.log.info("no planted truth: nothing to evaluate, no materialization")
         return
     lake, con = warehouse.lake(), warehouse.duck()
-    enc = _encoder(warehouse, encoder)
+    enc = encoder_of(warehouse, encoder)
     trained = latest_artifact(lake, "clip_encoder", tag=enc.tag)
     fraction = float((trained.config if trained else {}).get("holdout_fraction", 0.1))
     paths = dict(
@@ -614,9 +574,9 @@ def embedding_eval(
     by_style = style_map(con, lake, sample_root, enc.tag)
     yield dg.MaterializeResult(
         metadata={
-            **_tiny_meta(enc),
+            **tiny_meta(enc),
             **{k: v for k, v in figures.items() if k != "encoder"},
-            **({"map_by_planted_style": _plot(by_style, "map by style")} if by_style else {}),
+            **({"map_by_planted_style": plot(by_style, "map by style")} if by_style else {}),
             "report": dg.MetadataValue.md(
                 markdown_table(["measure", "value"], [[k, v] for k, v in figures.items()])
             ),

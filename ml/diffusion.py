@@ -40,19 +40,22 @@ import contextlib
 import copy
 import gzip
 import importlib
+import io
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ml.encoders import resolve_device
-from warehouse.files import atomic_write_bytes, fsync_dir, fsync_tree
+from warehouse.files import atomic_write_bytes, fsync_tree, replace_dir
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -184,6 +187,42 @@ def load_clip_tokenizer(folder: str | os.PathLike) -> Any:
 # Building the tiny pipeline
 
 
+ImageSource = bytes | str | os.PathLike
+
+
+def decode_image(source: ImageSource, resolution: int) -> np.ndarray:
+    """uint8 [3, resolution, resolution] of an image (bytes or a path): RGB, the shorter side
+    resized to ``resolution`` (bilinear, as the diffusers example), then centre-cropped.
+    Raises OSError/ValueError/SyntaxError on anything undecodable."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        handle: Any = io.BytesIO(bytes(source))
+    elif isinstance(source, str | os.PathLike):
+        handle = os.fspath(source)
+    else:
+        raise ValueError(f"an image must be bytes or a path, not {type(source).__name__}")
+    with Image.open(handle) as image:
+        image.load()
+        picture = image.convert("RGB")
+    width, height = picture.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if size != picture.size:
+        picture = picture.resize(size, Image.Resampling.BILINEAR)
+    left = (size[0] - resolution) // 2
+    top = (size[1] - resolution) // 2
+    picture = picture.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(picture, dtype=np.uint8)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] → float in [-1, 1] (what the SD VAE takes)."""
+    return pixels.float() / 127.5 - 1.0
+
+
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def tiny_marker(seed: int = 0) -> dict[str, Any]:
     """What ``imagegem.json`` of a tiny pipeline built with ``seed`` holds."""
     return {
@@ -219,7 +258,7 @@ def build_tiny_pipeline(folder: str | os.PathLike, seed: int = 0) -> Path:
             _build_into(tmp, seed)
         atomic_write_bytes(str(tmp / MARKER), (json.dumps(marker, indent=2) + "\n").encode())
         fsync_tree(str(tmp))
-        replace_folder(tmp, folder, lambda: _is_complete(folder) and _read_marker(folder) == marker)
+        replace_dir(tmp, folder, lambda: _is_complete(folder) and _read_marker(folder) == marker)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     LOG.info("diffusion: built tiny pipeline (seed %d) in %s", seed, folder)
@@ -278,39 +317,6 @@ def _tiny_vae(vae: Any) -> Any:
     latents = vae.encode(images.clamp(0, 1) * 2 - 1).latent_dist.mean
     vae.register_to_config(scaling_factor=round(1.0 / float(latents.std()), 5))
     return vae
-
-
-def replace_folder(
-    tmp: str | os.PathLike,
-    folder: str | os.PathLike,
-    keep_existing: Callable[[], bool] | None = None,
-) -> None:
-    """Rename the finished folder ``tmp`` (a sibling of ``folder``, already fsynced) onto
-    ``folder``. An existing ``folder`` is first renamed aside and removed after the swap, so
-    readers see the old folder or the new one, never a mix (for the instant between the two
-    renames, no folder). When ``keep_existing()`` says an existing ``folder`` already holds the
-    same result (another builder got there first), it is kept and ``tmp`` is left to the
-    caller to remove."""
-    tmp, folder = Path(tmp), Path(folder)
-    if folder.exists():
-        if keep_existing is not None and keep_existing():
-            return
-        aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
-        os.rmdir(aside)
-        os.rename(folder, aside)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            os.rename(aside, folder)
-            raise
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # created meanwhile by a concurrent builder
-            if not (keep_existing is not None and keep_existing()):
-                raise
-    fsync_dir(str(folder.parent))
 
 
 def _read_marker(folder: Path) -> dict[str, Any]:

@@ -32,7 +32,7 @@ What makes it fit a CPU budget (the demo trains the tiny pipeline, see :mod:`ml.
 every image is decoded and VAE-encoded **once** (the posterior's mean and std are cached, and a
 step samples ``mean + std·z``, which is what ``latent_dist.sample()`` does), each distinct
 caption is text-encoded once, training runs on ``threads`` CPU threads (1 by default, see
-:func:`ml.train_clip._torch_threads`), and ``time_budget_s`` bounds the whole call (loading,
+:func:`ml.runtime.torch_threads`), and ``time_budget_s`` bounds the whole call (loading,
 encoding, evaluations and training): a step starts only if it still fits with the final
 evaluation. GPU paths are the real ones: ``device`` auto/cuda, fp16/bf16 frozen weights with
 fp32 LoRA parameters under autocast (and a gradient scaler for fp16), gradient checkpointing
@@ -53,7 +53,6 @@ pairs, config): the LoRA init, pair order, latent samples, noise and timesteps a
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import math
@@ -73,23 +72,25 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ml.diffusion import (
+    DECODE_ERRORS,
     PICKLE_SUFFIXES,
+    ImageSource,
     check_pipeline_folder,
+    decode_image,
     is_tiny,
     load_pipeline,
-    replace_folder,
+    to_model_range,
 )
 from ml.encoders import PRECISIONS, resolve_device
 from ml.encoders.checkpoint import file_sha256
-from ml.train_clip import _torch_threads
-from warehouse.files import atomic_write_bytes, fsync_tree
+from ml.runtime import torch_threads
+from warehouse.files import atomic_write_bytes, fsync_tree, replace_dir
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
 LOG = logging.getLogger(__name__)
 
-ImageSource = bytes | str | os.PathLike
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 DPO_CONFIG = "dpo_config.json"
 TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
@@ -129,7 +130,7 @@ class DPOConfig:
     * ``rank`` 4, ``lora_alpha`` = rank (scale 1): 10k LoRA parameters on the tiny UNet.
     * ``batch_size`` 8 pairs: 16 images through θ (with gradients) and 16 through the
       reference per step, ~3-4 steps/s on one core.
-    * ``threads`` 1: see :func:`ml.train_clip._torch_threads`; on the loaded 2-core demo
+    * ``threads`` 1: see :func:`ml.runtime.torch_threads`; on the loaded 2-core demo
       machine two threads made the tiny UNet over 10x slower.
     """
 
@@ -325,39 +326,6 @@ def dpo_loss(
 # Decoding and encoding the pairs
 
 
-def decode_image(source: ImageSource, resolution: int) -> np.ndarray:
-    """uint8 [3, resolution, resolution] of an image (bytes or a path): RGB, the shorter side
-    resized to ``resolution`` (bilinear, as the diffusers example), then centre-cropped.
-    Raises OSError/ValueError/SyntaxError on anything undecodable."""
-    if isinstance(source, bytes | bytearray | memoryview):
-        handle: Any = io.BytesIO(bytes(source))
-    elif isinstance(source, str | os.PathLike):
-        handle = os.fspath(source)
-    else:
-        raise ValueError(f"an image must be bytes or a path, not {type(source).__name__}")
-    with Image.open(handle) as image:
-        image.load()
-        picture = image.convert("RGB")
-    width, height = picture.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    if size != picture.size:
-        picture = picture.resize(size, Image.Resampling.BILINEAR)
-    left = (size[0] - resolution) // 2
-    top = (size[1] - resolution) // 2
-    picture = picture.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(picture, dtype=np.uint8)
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
-
-
-def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., 3, H, W] → float in [-1, 1] (what the SD VAE takes)."""
-    return pixels.float() / 127.5 - 1.0
-
-
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
 @dataclass
 class _Encoded:
     """What the loop needs of a set of pairs, computed once (kept on CPU, fp32)."""
@@ -420,7 +388,7 @@ def _prepare(
         for side in ("winner", "loser"):
             try:
                 decoded.append(decode_image(getattr(pair, side), resolution))
-            except _DECODE_ERRORS as exc:
+            except DECODE_ERRORS as exc:
                 # PIL: UnidentifiedImageError (an OSError) for garbage, OSError for truncated
                 # data or a missing file, SyntaxError/ValueError for broken headers.
                 skipped[f"undecodable_{side}"] += 1
@@ -616,7 +584,7 @@ def train_dpo_lora(
     log = log or LOG
     if len(pairs) == 0:
         raise ValueError("dpo: no preference pairs given")
-    with _torch_threads(config.threads), torch.random.fork_rng(devices=[]):
+    with torch_threads(config.threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return _train(Path(pipeline_folder), pairs, config, heldout, log)
 
@@ -911,7 +879,7 @@ def save_dpo_lora(result: DPOResult, folder: str | os.PathLike) -> Path:
         }
         atomic_write_bytes(str(tmp / DPO_CONFIG), (json.dumps(document, indent=2) + "\n").encode())
         fsync_tree(str(tmp))
-        replace_folder(tmp, folder)
+        replace_dir(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -966,7 +934,7 @@ def generate(
     if steps < 1:
         raise ValueError(f"generate: steps must be >= 1, got {steps}")
     weights = lora_weights_file(lora_folder) if lora_folder is not None else None
-    with _torch_threads(threads):
+    with torch_threads(threads):
         pipe = load_pipeline(pipeline_folder, device=device)
         if weights is not None:
             try:

@@ -36,7 +36,6 @@ No Dagster imports: the pipeline's asset calls :func:`sample_pairs` / :func:`tra
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import io
 import json
@@ -58,6 +57,7 @@ from PIL import Image
 
 from ml.encoders import TINY_ENCODER, build_model, builtin_configs, encoder_tag, resolve_device
 from ml.encoders.checkpoint import save_state_dict
+from ml.runtime import bf16_autocast, torch_threads
 
 LOG = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class TrainConfig:
       precision@10 goes from 0.90 to 0.97. 0.5 was no better.
     * ``augment`` (crop area 0.5-1 + flip): a small gain alone; a wider crop (0.25-1) helped
       without caption dropout and added nothing with it. No colour jitter (colour is style).
-    * ``threads`` 1: see :func:`_torch_threads` (2 threads ran 2.5-4x slower under load).
+    * ``threads`` 1: see :func:`ml.runtime.torch_threads` (2 threads ran 2.5-4x slower under load).
     """
 
     model: str = TINY_ENCODER
@@ -495,17 +495,10 @@ def _holdout(data: _Data, index: np.ndarray, recipe: _PixelRecipe) -> _Holdout:
     )
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (weights stay fp32); CPU runs plain fp32."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _evaluate(model: torch.nn.Module, holdout: _Holdout, device: torch.device) -> float:
     """Held-out image→prompt Recall@10 (the model is left in eval mode)."""
     model.eval()
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), bf16_autocast(device):
         images = torch.cat(
             [
                 model.encode_image(chunk.to(device)).float()
@@ -554,23 +547,6 @@ def _lr_at(config: TrainConfig, step: int, progress: float) -> float:
     return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """Run a block with ``threads`` intra-op CPU threads, restoring the caller's setting.
-
-    Why not always all cores: on a box shared with other busy processes, torch's OpenMP
-    threads spin at every barrier while the cores are taken, and two threads ran a step 2.5-4x
-    *slower* than one (measured on the 2-core demo machine under load); one thread is also
-    bitwise reproducible across machines."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def train_clip(
     pairs: Sequence[Pair], config: TrainConfig | None = None, log: logging.Logger | None = None
 ) -> TrainResult:
@@ -580,7 +556,7 @@ def train_clip(
     skipping (undecodable images, empty prompts, repeated imageIds — all counted in
     ``TrainResult.skipped``) and holding out, or when nothing is held out."""
     config = config or TrainConfig()
-    with _torch_threads(config.threads):
+    with torch_threads(config.threads):
         return _train_clip(pairs, config, log or LOG)
 
 
@@ -755,7 +731,7 @@ def _train_loop(
         images = _normalise(pixels[index], recipe)
         if config.augment:
             images = _augment(images, config.crop_scale, generator)
-        with _autocast(device):
+        with bf16_autocast(device):
             image_features, text_features, logit_scale = model(
                 images, captions.batch(index, generator)
             )

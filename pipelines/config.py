@@ -244,7 +244,8 @@ VARIABLES: tuple[Variable, ...] = (
     _p(
         "IMAGEGEM_PAIRS_TOP_K",
         "pairs_top_k",
-        "pairs per prompt cluster: the k best against the k worst (1 = best vs worst)",
+        "pairs per prompt cluster: the k best against the k worst (1 = the paper's best vs "
+        "worst; the sample has only about ten clusters)",
     ),
     _p(
         "IMAGEGEM_REWARD_SECONDS",
@@ -257,9 +258,18 @@ VARIABLES: tuple[Variable, ...] = (
         "local diffusers folder of the base model `dpo_lora` fine-tunes (SD 1.5 in "
         "production); unset → a tiny SD-1.5-shaped pipeline the pipeline builds from config",
     ),
+    _p(
+        "IMAGEGEM_BASE_TRAIN_SECONDS",
+        "base_train_seconds",
+        "wall-time budget of `diffusion_base`'s training of the tiny base (no IMAGEGEM_DPO_BASE)",
+    ),
     _p("IMAGEGEM_DPO_STEPS", "dpo_steps", "most optimisation steps of `dpo_lora`"),
     _p("IMAGEGEM_DPO_SECONDS", "dpo_seconds", "wall-time budget of `dpo_lora`'s training"),
-    _p("IMAGEGEM_DPO_BETA", "dpo_beta", "Diffusion-DPO's β (the paper's 5000 × 0.5 for SD 1.5)"),
+    _p(
+        "IMAGEGEM_DPO_BETA",
+        "dpo_beta",
+        "Diffusion-DPO's β (the loss scales by β/2): 100 for the tiny base, 5000 for SD 1.5",
+    ),
     _p("IMAGEGEM_DPO_RANK", "dpo_rank", "rank of the DPO LoRA (its alpha equals the rank)"),
     _p(
         "IMAGEGEM_DPO_RESOLUTION",

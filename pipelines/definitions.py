@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from assets import civitai, embeddings, ingest, media, warehouse
+from assets import alignment, civitai, embeddings, ingest, media, preferences, warehouse
 from pipelines.config import resources_from_env
 from pipelines.jobs import JOBS
 from pipelines.resources import PipelineResources
@@ -19,6 +19,8 @@ ASSETS = [
     media.image_files,
     media.lora_files,
     *embeddings.ALL_ASSETS,
+    *preferences.ALL_ASSETS,
+    *alignment.ALL_ASSETS,
 ]
 
 

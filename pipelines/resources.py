@@ -220,24 +220,28 @@ class PreferencesResource(dg.ConfigurableResource):
     when set, ``image_scores`` also runs HPSv2 and it is the default pair scorer.
     ``pair_scorer``: which scorer orders the images of a cluster (``auto``: HPSv2 when
     configured, else the reaction-trained reward model; or ``hpsv2``, ``reward_model``,
-    ``clip_score``); ``pairs_top_k`` pairs per cluster (1: best vs worst, as the paper).
+    ``clip_score``); ``pairs_top_k`` pairs per cluster: the k best against the k worst (1 is
+    the paper's best vs worst; the default 16 because the sample's prompts fall into about
+    ten clusters, one per planted style, where ImageGem's 2.9 M prompts give thousands).
     ``reward_seconds`` bounds the reward model's training. ``dpo_base``: a local diffusers
     folder of the base model (SD 1.5 in production); unset, the pipeline builds a tiny SD-1.5
-    shaped pipeline from config once and fine-tunes that (every output says ``tiny_model``).
+    shaped pipeline from config once, trains it for at most ``base_train_seconds`` on the
+    warehouse's images and fine-tunes that (every output says ``tiny_model``).
     ``dpo_steps`` / ``dpo_seconds`` bound the fine-tune; ``dpo_beta`` and ``dpo_rank`` are
-    Diffusion-DPO's β and the LoRA rank; ``dpo_resolution`` the training image size (32 for
+    Diffusion-DPO's β (100 suits the tiny base; the paper's 5000 for SD 1.5) and the LoRA rank; ``dpo_resolution`` the training image size (32 for
     the tiny base, 512 for SD 1.5).
     """
 
     hpsv2_checkpoint: str | None = None
     hpsv2_model: str = "ViT-H-14"
     pair_scorer: str = "auto"
-    pairs_top_k: int = 1
+    pairs_top_k: int = 16
     reward_seconds: int = 60
     dpo_base: str | None = None
-    dpo_steps: int = 400
+    base_train_seconds: int = 60
+    dpo_steps: int = 500
     dpo_seconds: int = 60
-    dpo_beta: int = 2500
+    dpo_beta: int = 100
     dpo_rank: int = 4
     dpo_resolution: int = 32
 

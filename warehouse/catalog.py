@@ -35,6 +35,8 @@ CATALOG_TABLES = (
     "lora_files",
     "prompt_clusters",
     "embedding_map",
+    "image_scores",
+    "preference_pairs",
 )
 
 

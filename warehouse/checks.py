@@ -12,7 +12,9 @@ Every function reads the committed lake tables (``Lake.scan``), never a copy of 
 * :func:`quarantine_summary` — quarantined rows by step and reason; every row has a reason,
   a source and a key;
 * :func:`raw_usernames_check` — every user identifier in the warehouse, and every
-  ``userHash``/``username`` value inside a quarantine payload, is a 64-hex hash.
+  ``userHash``/``username`` value inside a quarantine payload, is a 64-hex hash;
+* :func:`preference_pairs_check` — no pair with one image twice or equal scores, every pair
+  inside one (non-noise) prompt cluster, at most ``top_k`` pairs per cluster.
 """
 
 from __future__ import annotations
@@ -233,3 +235,58 @@ def raw_usernames_check(con: duckdb.DuckDBPyConnection, lake: Lake) -> UsernameC
         ).fetchone()[0]
     bad = {t: int(n) for t, n in offenders.items() if n}
     return UsernameCheck(passed=not bad, tables_checked=len(offenders), offending_values=bad)
+
+
+@dataclass(frozen=True)
+class PairsCheck:
+    """``preference_pairs`` against its rules, counted on the written table."""
+
+    pairs: int
+    same_image: int
+    equal_scores: int
+    outside_one_cluster: int  # winner and loser prompts in different clusters, or noise
+    most_per_cluster: int
+    top_k: int
+
+    @property
+    def passed(self) -> bool:
+        return (
+            self.same_image == 0
+            and self.equal_scores == 0
+            and self.outside_one_cluster == 0
+            and self.most_per_cluster <= self.top_k
+        )
+
+
+def preference_pairs_check(
+    con: duckdb.DuckDBPyConnection, lake: Lake, encoder: str, top_k: int
+) -> PairsCheck:
+    """Recount ``preference_pairs``' rules from the committed table: the clusters of both
+    images come from ``prompt_clusters`` (by the pair's two prompt ids), not from the pairs'
+    own ``cluster_id``, so a pair across clusters cannot hide."""
+    pairs = lake.scan("preference_pairs")
+    clusters = (
+        f"(SELECT prompt_id, cluster_id FROM {lake.scan('prompt_clusters')} WHERE encoder = ?)"
+    )
+    row = con.execute(
+        f"""SELECT count(*),
+               count(*) FILTER (WHERE winner_imageId = loser_imageId),
+               count(*) FILTER (WHERE winner_score = loser_score),
+               count(*) FILTER (WHERE cw.cluster_id IS DISTINCT FROM p.cluster_id
+                                   OR cl.cluster_id IS DISTINCT FROM p.cluster_id
+                                   OR p.cluster_id < 0)
+        FROM {pairs} p LEFT JOIN {clusters} cw ON cw.prompt_id = p.prompt_id
+        LEFT JOIN {clusters} cl ON cl.prompt_id = p.loser_prompt_id""",
+        [encoder, encoder],
+    ).fetchone()
+    most = con.execute(
+        f"SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM {pairs} GROUP BY cluster_id)"
+    ).fetchone()[0]
+    return PairsCheck(
+        pairs=int(row[0]),
+        same_image=int(row[1]),
+        equal_scores=int(row[2]),
+        outside_one_cluster=int(row[3]),
+        most_per_cluster=int(most),
+        top_k=int(top_k),
+    )

@@ -1,5 +1,7 @@
 """Atomic file writes: the one helper every stage uses for small files it commits.
 
+Folders (a model's files): :func:`replace_dir` swaps a finished sibling folder in.
+
 Local paths: the bytes go to a temporary file in the target's folder, are flushed and
 ``fsync``-ed, renamed over the target with ``os.replace`` and the folder is ``fsync``-ed, so a
 crash leaves either the old file or the new one, never a torn one. Object stores (``s3://``,
@@ -9,9 +11,11 @@ crash leaves either the old file or the new one, never a torn one. Object stores
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 
@@ -81,3 +85,36 @@ def atomic_write_bytes(path: str, data: bytes, fs: Any | None = None) -> None:
 def _is_local(fs: Any) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
+
+
+def replace_dir(
+    tmp: str | os.PathLike,
+    folder: str | os.PathLike,
+    keep_existing: Callable[[], bool] | None = None,
+) -> None:
+    """Rename the finished folder ``tmp`` (a sibling of ``folder``, already fsynced) onto
+    ``folder``. An existing ``folder`` is first renamed aside and removed after the swap, so
+    readers see the old folder or the new one, never a mix (for the instant between the two
+    renames, no folder). When ``keep_existing()`` says an existing ``folder`` already holds the
+    same result (another builder got there first), it is kept and ``tmp`` is left to the
+    caller to remove."""
+    tmp, folder = Path(tmp), Path(folder)
+    if folder.exists():
+        if keep_existing is not None and keep_existing():
+            return
+        aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+        os.rmdir(aside)
+        os.rename(folder, aside)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            os.rename(aside, folder)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # created meanwhile by a concurrent builder
+            if not (keep_existing is not None and keep_existing()):
+                raise
+    fsync_dir(str(folder.parent))
