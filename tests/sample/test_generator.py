@@ -279,7 +279,7 @@ def test_reactions_grow_with_the_uploaders_reach_and_the_images_age(
         "select t.quality, t.fame, t.exposure, i.likeCount + i.heartCount from clean_images i "
         "join image_truth t using (row_index) where t.exposure > 0.01"
     ).fetchall()
-    quality, fame, exposure, reactions = (np.array(c, dtype=float) for c in zip(*rows))
+    quality, fame, exposure, reactions = (np.array(c, dtype=float) for c in zip(*rows, strict=True))
     assert fame.std() > 0.3 and exposure.min() < 0.5 < exposure.max()
     design = np.column_stack([np.ones_like(quality), quality, np.log(fame), np.log(exposure)])
     coef, *_ = np.linalg.lstsq(design, np.log1p(reactions), rcond=None)
