@@ -12,7 +12,7 @@ export IMAGEGEM_HOME ?= $(CURDIR)/data
 # The Dagster instance is this folder: ./dagster.yaml keeps runs and logs under .dagster/.
 export DAGSTER_HOME  ?= $(CURDIR)
 
-.PHONY: demo test ui bench bench-crawl bench-embed bench-clusters gpu-check fake-civitai lint install lock clean
+.PHONY: demo test ui bench bench-crawl bench-embed bench-clusters bench-reward gpu-check fake-civitai lint install lock clean
 
 # Installs exactly the locked set (requirements.lock, made by `make lock` from pyproject.toml)
 # with uv: no resolution at install time, parallel downloads. Bytecode is compiled at install
@@ -58,6 +58,10 @@ bench-embed: $(STAMP)
 ## bench-clusters: the prompt-clustering scaling path at 2.9M x 1024 synthetic vectors
 bench-clusters: $(STAMP)
 	$(BIN)/python -m pipelines.bench_clusters
+
+## bench-reward: the reward model at ImageGem scale (4.9M x 1024 image vectors, 2.9M prompts; 3 runs)
+bench-reward: $(STAMP)
+	$(BIN)/python -m pipelines.bench_reward --runs 3
 
 ## gpu-check: ViT-H-14 (random init) image embedding at bf16 on a CUDA machine: images/s, memory
 gpu-check: $(STAMP)

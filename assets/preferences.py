@@ -91,6 +91,7 @@ def reward_model(
             f"reward_model: {len(inputs)} embedded images with a prompt vector; need at least 10"
         )
     margin, cap = RewardConfig.margin, RewardConfig.max_pairs_per_cluster
+    heldout_fraction = RewardConfig.heldout_fraction_for(len(inputs))
     columns = {c: inputs.reactions[c] for c in prefs.REACTIONS}
     columns["userHash"] = np.array(inputs.user_hashes, dtype=object)
     columns["createdAt"] = inputs.created_at
@@ -102,10 +103,13 @@ def reward_model(
         scored.values,
         margin=margin,
         max_pairs_per_cluster=cap,
-        heldout_fraction=RewardConfig.heldout_fraction,
+        heldout_fraction=heldout_fraction,
     )
     config = RewardConfig.for_pairs(
-        split.n_train, time_budget_s=float(preferences.reward_seconds), device=encoder.device
+        split.n_train,
+        time_budget_s=float(preferences.reward_seconds),
+        device=encoder.device,
+        heldout_fraction=heldout_fraction,
     )
     context.log.info(
         f"reward_model: {len(inputs):,} images, {scored.n_valid:,} with an engagement, "
@@ -143,6 +147,7 @@ def reward_model(
         **evaluation,
         "train_pairs": result.n_train_pairs,
         "heldout_pairs": result.n_heldout_pairs,
+        "heldout_fraction": round(heldout_fraction, 3),
         "images_with_engagement": scored.n_valid,
         "images_without_engagement": dict(scored.excluded),
         "engagement_shrinkage": round(scored.shrinkage, 3),

@@ -40,7 +40,7 @@ from ml.diffusion import (
     to_model_range,
 )
 from ml.encoders import resolve_device
-from ml.runtime import bf16_autocast, torch_threads
+from ml.runtime import bf16_autocast, out_of_time, torch_threads
 from warehouse.files import atomic_write_bytes, fsync_tree, replace_dir
 
 LOG = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def _train(
     step_time = 0.0
     while step < config.steps:
         now = time.perf_counter()
-        if now + step_time + 1.0 > deadline:  # 1 s kept for saving
+        if out_of_time(step, now + 1.0, step_time, deadline):  # 1 s kept for saving
             stop_reason = "time_budget"
             break
         index = torch.randint(0, n, (min(config.batch_size, n),), generator=generator)

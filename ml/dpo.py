@@ -83,7 +83,7 @@ from ml.diffusion import (
 )
 from ml.encoders import PRECISIONS, resolve_device
 from ml.encoders.checkpoint import file_sha256
-from ml.runtime import torch_threads
+from ml.runtime import out_of_time, torch_threads
 from warehouse.files import atomic_write_bytes, fsync_tree, replace_dir
 
 if TYPE_CHECKING:
@@ -694,7 +694,7 @@ def _train(
     step = 0
     while step < config.steps:
         now = time.perf_counter()
-        if now + step_time > deadline:
+        if out_of_time(step, now, step_time, deadline):
             stop_reason = "time_budget"
             break
         lr = (

@@ -31,3 +31,10 @@ def bf16_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def out_of_time(step: int, now: float, step_time: float, deadline: float) -> bool:
+    """The training loops' time-budget rule: stop when the next step (``step_time``, an
+    estimate of one) would end after ``deadline`` — but never before the first step, so a
+    budget spent on setup (decoding, encoding) still trains, saves and reports one step."""
+    return step > 0 and now + step_time > deadline

@@ -57,7 +57,7 @@ from PIL import Image
 
 from ml.encoders import TINY_ENCODER, build_model, builtin_configs, encoder_tag, resolve_device
 from ml.encoders.checkpoint import save_state_dict
-from ml.runtime import bf16_autocast, torch_threads
+from ml.runtime import bf16_autocast, out_of_time, torch_threads
 
 LOG = logging.getLogger(__name__)
 
@@ -718,7 +718,7 @@ def _train_loop(
     step = 0
     while step < config.max_steps:
         now = time.perf_counter()
-        if now + step_time > deadline:
+        if out_of_time(step, now, step_time, deadline):
             stop_reason = "time_budget"
             break
         progress = step / config.max_steps

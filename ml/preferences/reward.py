@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ml.encoders import resolve_device
-from ml.runtime import bf16_autocast, torch_threads
+from ml.runtime import bf16_autocast, out_of_time, torch_threads
 
 LOG = logging.getLogger(__name__)
 
@@ -115,6 +115,16 @@ class RewardConfig:
     max_pairs_per_cluster: int = 2000
     heldout_fraction: float = 0.1
     log_every_s: float = 10.0
+
+    @staticmethod
+    def heldout_fraction_for(n_images: int, base: float = 0.1, min_heldout: int = 100) -> float:
+        """The held-out share of images: ``base`` once that holds ``min_heldout`` images, more
+        on a small warehouse (up to 0.3), so the held-out side still has pairs to score. A
+        larger fraction only adds images (the held-out set is a threshold on a hash), so the
+        images held out at 0.1 stay held out."""
+        if n_images < 1:
+            return base
+        return float(min(0.3, max(base, min_heldout / n_images)))
 
     @classmethod
     def for_pairs(cls, n_train_pairs: int, **overrides: Any) -> RewardConfig:
@@ -831,7 +841,7 @@ def _loop(
                 stopped = True
                 break
             now = time.perf_counter()
-            if now + step_time > deadline:
+            if out_of_time(step, now, step_time, deadline):
                 cut = True
                 break
             progress = step / planned

@@ -1,6 +1,7 @@
-"""The embeddings stage end to end on a small sample served by the fake Civitai: the encoder
-trained and recorded, every shard embedded, vectors queryable in the catalog, a refresh that
-embeds only new images, bad images quarantined, and the quality evaluation against truth."""
+"""The embeddings stage end to end on a small sample served by the fake Civitai (the ``stage``
+world of conftest.py): the encoder trained and recorded, every shard embedded, vectors
+queryable in the catalog, a refresh that embeds only new images, bad images quarantined, and
+the quality evaluation against truth."""
 
 from __future__ import annotations
 
@@ -11,51 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.civitai.fake_server import serve_sample
 from pipelines.partitions import embedding_shards
-from pipelines.resources import (
-    CivitaiResource,
-    EncoderResource,
-    MediaResource,
-    PipelineResources,
-    WarehouseResource,
-)
-from pipelines.runner import materialize_runs
-from pipelines.sample.generator import SampleSpec, generate_sample
+from pipelines.resources import EncoderResource, PipelineResources
+from tests.assets.conftest import mats
 from warehouse import embeddings as emb
 from warehouse.artifacts import latest_artifact
 from warehouse.catalog import connect_readonly
 from warehouse.media import MediaStore
 
 pytestmark = pytest.mark.slow
-
-# whole users in userHash order: 376 images, then two more users (396) on the "next day"
-FIRST_IMAGES, MORE_IMAGES = 380, 400
-
-
-def mats(results, asset):
-    return [m for r in results for m in r.asset_materializations_for_node(asset)]
-
-
-@pytest.fixture(scope="module")
-def stage(tmp_path_factory):
-    sample = tmp_path_factory.mktemp("sample")
-    generate_sample(sample, SampleSpec(users=60))
-    home = tmp_path_factory.mktemp("home")
-    settings = WarehouseResource(home=str(home), source="release", release_path=str(sample))
-    encoder = EncoderResource(device="cpu", train_seconds=8, workers=0, batch_size=64)
-    with serve_sample(sample) as server:
-        civitai = CivitaiResource(base_url=server.url, rate_limit=0)
-        first = materialize_runs(
-            PipelineResources(settings, civitai, MediaResource(max_images=FIRST_IMAGES), encoder)
-        )
-        # the next day, as the automation runs it: more images downloaded, everything
-        # refreshed except the encoder (a weekly retrain, not due)
-        second = materialize_runs(
-            PipelineResources(settings, civitai, MediaResource(max_images=MORE_IMAGES), encoder),
-            selection=dg.AssetSelection.all() - dg.AssetSelection.assets("clip_encoder"),
-        )
-    return settings, first, second
 
 
 def test_every_run_succeeds_and_every_shard_ran(stage):

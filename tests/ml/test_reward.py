@@ -382,3 +382,15 @@ def test_config_for_few_pairs_takes_enough_steps_and_for_many_keeps_the_defaults
     big = RewardConfig.for_pairs(2_000_000)
     assert (big.batch_size, big.epochs, big.patience) == (512, 5, 2)
     assert RewardConfig.for_pairs(4_000, batch_size=128, epochs=3).epochs == 3  # overrides win
+
+
+def test_heldout_fraction_grows_on_small_warehouses_and_keeps_the_base_on_large_ones():
+    from ml.preferences.engagement import heldout_images
+
+    assert RewardConfig.heldout_fraction_for(1_000_000) == RewardConfig.heldout_fraction
+    assert RewardConfig.heldout_fraction_for(1_000) == RewardConfig.heldout_fraction
+    small = RewardConfig.heldout_fraction_for(380)
+    assert 0.25 <= small <= 0.3 and RewardConfig.heldout_fraction_for(10) == 0.3
+    ids = np.arange(1, 5_000)
+    base, grown = heldout_images(ids, 0.1), heldout_images(ids, small)
+    assert (grown | base).sum() == grown.sum() > base.sum()  # a superset: held out stays held out

@@ -270,9 +270,14 @@ def test_demo_prints_progress_a_summary_and_where_to_look(tmp_path, monkeypatch)
         "DAGSTER_HOME": str(tmp_path),
         "IMAGEGEM_HOME": str(tmp_path / "data"),
         "IMAGEGEM_SAMPLE_USERS": "40",
-        "IMAGEGEM_MEDIA_MAX_IMAGES": "100",
+        "IMAGEGEM_MEDIA_MAX_IMAGES": "250",
         "IMAGEGEM_CLIP_TRAIN_SECONDS": "5",
         "IMAGEGEM_EMBED_SHARDS": "2",
+        "IMAGEGEM_REWARD_SECONDS": "5",
+        "IMAGEGEM_BASE_TRAIN_SECONDS": "3",
+        "IMAGEGEM_DPO_SECONDS": "5",
+        "IMAGEGEM_DPO_STEPS": "10",
+        "IMAGEGEM_PAIRS_TOP_K": "8",
     }
     out = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "demo"],
@@ -301,6 +306,12 @@ def test_demo_prints_progress_a_summary_and_where_to_look(tmp_path, monkeypatch)
         "image_embeddings [shard-01]",
         "image_index",
         "embeddings_catalog",
+        "reward_model",
+        "image_scores",
+        "preference_pairs",
+        "diffusion_base",
+        "dpo_lora",
+        "preference_catalog",
     ):
         assert asset in summary
     assert "asset checks:" in summary and ", 0 failed" in summary
