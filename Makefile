@@ -63,7 +63,7 @@ bench-clusters: $(STAMP)
 bench-reward: $(STAMP)
 	$(BIN)/python -m pipelines.bench_reward --runs 3
 
-## gpu-check: ViT-H-14 (random init) image embedding at bf16 on a CUDA machine: images/s, memory
+## gpu-check: on a CUDA machine: ViT-H-14 embedding (images/s vs a bare loop) and Diffusion-DPO steps on an SD 1.5-size UNet (s/step), random init, bf16, peak memory
 gpu-check: $(STAMP)
 	$(BIN)/python -m pipelines.gpu_check
 

@@ -286,6 +286,7 @@ def image_scores(
             "dagster/row_count": table.num_rows,
             "images": len(inputs),
             "images_without_prompt_vector": inputs.without_prompt_vector,
+            "embedded_images_no_longer_in_images": inputs.no_longer_in_images,
             "scorers": ", ".join(selection.names),
             "skipped": dg.MetadataValue.json(selection.skipped),
             "scores": dg.MetadataValue.md(markdown_table(headers, rows)),

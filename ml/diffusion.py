@@ -223,6 +223,52 @@ def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+# Stable Diffusion 1.5's own architecture (its published configs), for speed and memory checks
+# at real size from a random initialisation (``build_random_pipeline``): weights cannot be
+# downloaded here, and neither speed nor memory depends on them.
+SD15_CONFIG: dict[str, Any] = {
+    "resolution": 512,
+    "unet": {
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "layers_per_block": 2,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+        "norm_num_groups": 32,
+    },
+    "vae": {
+        "sample_size": 512,
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "scaling_factor": 0.18215,
+    },
+    "text_encoder": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": CONTEXT_LENGTH,
+        "vocab_size": 49408,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407,
+        "hidden_act": "quick_gelu",
+        "projection_dim": 768,
+    },
+    "scheduler": TINY_CONFIG["scheduler"],
+}
+
+
 def tiny_marker(seed: int = 0) -> dict[str, Any]:
     """What ``imagegem.json`` of a tiny pipeline built with ``seed`` holds."""
     return {
@@ -265,8 +311,33 @@ def build_tiny_pipeline(folder: str | os.PathLike, seed: int = 0) -> Path:
     return folder
 
 
-def _build_into(folder: Path, seed: int) -> None:
-    """Instantiate every component from TINY_CONFIG under ``seed`` and save the pipeline."""
+def build_random_pipeline(folder: str | os.PathLike, config: dict[str, Any], seed: int = 0) -> Path:
+    """A randomly initialised pipeline of ``config``'s architecture (e.g. :data:`SD15_CONFIG`)
+    written to ``folder`` (atomically), for speed and memory checks at real size. Its marker
+    says ``random_init``; it is not a tiny development model. An existing complete folder with
+    the same marker is returned as it is; any other non-empty folder is refused."""
+    folder = Path(folder)
+    marker = {"random_init": True, "format": _MARKER_FORMAT, "config": config, "seed": int(seed)}
+    if _is_complete(folder) and _read_marker(folder) == marker:
+        return folder
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise PipelineFolderError(f"random pipeline target {folder} exists and is not empty")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.build-"))
+    try:
+        with _quiet_loaders():
+            _build_into(tmp, seed, config)
+        atomic_write_bytes(str(tmp / MARKER), (json.dumps(marker, indent=2) + "\n").encode())
+        fsync_tree(str(tmp))
+        replace_dir(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _build_into(folder: Path, seed: int, config: dict[str, Any] = TINY_CONFIG) -> None:
+    """Instantiate every component from ``config`` under ``seed`` and save the pipeline (the
+    tiny config's VAE made usable, see :func:`_tiny_vae`)."""
     from diffusers import (
         AutoencoderKL,
         DDPMScheduler,
@@ -278,17 +349,19 @@ def _build_into(folder: Path, seed: int) -> None:
     tokenizer = load_clip_tokenizer(write_clip_tokenizer(folder / "tokenizer"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**TINY_CONFIG["unet"])
+        unet = UNet2DConditionModel(**config["unet"])
         torch.manual_seed(seed + 1)
-        vae = _tiny_vae(AutoencoderKL(**TINY_CONFIG["vae"]))
+        vae = AutoencoderKL(**config["vae"])
+        if config is TINY_CONFIG:
+            vae = _tiny_vae(vae)
         torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CONFIG["text_encoder"]))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDPMScheduler(**TINY_CONFIG["scheduler"]),
+        scheduler=DDPMScheduler(**config["scheduler"]),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -99,6 +99,7 @@ class ScoringInputs:
     created_at: np.ndarray  # datetime64[us] (n,)
     reactions: dict[str, np.ndarray] = field(default_factory=dict)  # int64 (n,) per count
     without_prompt_vector: int = 0  # embedded images left out: their prompt has no vector
+    no_longer_in_images: int = 0  # embedded images left out: gone from `images` (deleted)
     unclustered: int = 0  # images whose prompt has no cluster row (kept, as noise)
 
     def __len__(self) -> int:
@@ -118,8 +119,9 @@ def scoring_inputs(con: duckdb.DuckDBPyConnection, lake: Lake, encoder: str) -> 
     uploader, creation time and reactions (one row per image, in imageId order).
 
     An image's prompt id is that of its normalised prompt (the ``prompts`` table's rule, via
-    the catalog macros); images whose prompt has no vector of this encoder are left out and
-    counted, images whose prompt has no cluster yet count as noise."""
+    the catalog macros); images whose prompt has no vector of this encoder, and vectors of
+    images no longer in ``images`` (deleted upstream since they were embedded), are left out
+    and counted; images whose prompt has no cluster yet count as noise."""
     images_sql = image_embeddings_sql(lake)
     if images_sql is None or lake.current(PROMPT_EMBEDDINGS) is None:
         raise ValueError(
@@ -147,15 +149,16 @@ def scoring_inputs(con: duckdb.DuckDBPyConnection, lake: Lake, encoder: str) -> 
                    min(createdAt) AS createdAt, {counts}
             FROM {lake.scan("images")} GROUP BY imageId
         ), ids AS (
-            SELECT *, prompt_id(normalize_prompt(prompt)) AS prompt_id FROM img
+            SELECT *, prompt_id(normalize_prompt(prompt)) AS prompt_id, true AS present
+            FROM img
         ), vec AS (
             SELECT imageId, any_value(embedding) AS embedding FROM {images_sql}
             WHERE encoder = {quote(encoder)} GROUP BY imageId
         )
         SELECT v.imageId, i.prompt_id, i.prompt, c.cluster_id, v.embedding AS image_vector,
                p.embedding AS prompt_vector, f.path, i.userHash, i.createdAt,
-               {", ".join(f'i."{c}"' for c in REACTIONS)}
-        FROM vec v JOIN ids i USING (imageId)
+               {", ".join(f'i."{c}"' for c in REACTIONS)}, i.present
+        FROM vec v LEFT JOIN ids i USING (imageId)
         LEFT JOIN (SELECT prompt_id, any_value(embedding) AS embedding
                    FROM {lake.scan(PROMPT_EMBEDDINGS)} WHERE encoder = {quote(encoder)}
                    GROUP BY prompt_id) p USING (prompt_id)
@@ -164,6 +167,9 @@ def scoring_inputs(con: duckdb.DuckDBPyConnection, lake: Lake, encoder: str) -> 
         ORDER BY v.imageId
         """
     ).to_arrow_table()
+    present = np.asarray(table.column("present").is_valid())
+    gone = int((~present).sum())
+    table = table.filter(pa.array(present))
     has_prompt = np.asarray(table.column("prompt_vector").is_valid())
     without = int((~has_prompt).sum())
     table = table.filter(pa.array(has_prompt))
@@ -185,6 +191,7 @@ def scoring_inputs(con: duckdb.DuckDBPyConnection, lake: Lake, encoder: str) -> 
             for c in REACTIONS
         },
         without_prompt_vector=without,
+        no_longer_in_images=gone,
         unclustered=unclustered,
     )
 

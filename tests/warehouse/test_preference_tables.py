@@ -103,3 +103,79 @@ def test_pickapic_export_of_no_pairs_is_an_empty_table(tmp_path):
     assert (written, missing) == (0, 0)
     assert lake.read_table(PICKAPIC).num_rows == 0
     assert lake.read_table(PICKAPIC).schema.equals(PICKAPIC_SCHEMA)
+
+
+def _scoring_world(tmp_path, image_ids, embedded_ids):
+    """A lake with `images` (one prompt per image, two prompts in all), vectors of
+    ``embedded_ids``, prompt vectors for the first prompt only and a cluster for it."""
+    from datetime import datetime
+
+    from warehouse import embeddings as emb
+    from warehouse.duck import connect
+    from warehouse.preferences import REACTIONS
+    from warehouse.sqlfiles import install_macros
+
+    lake = Lake(str(tmp_path / "lake"))
+    con = connect(lake)
+    install_macros(con)
+    prompts = ["a red fox", "A  blue whale"]
+    rows = {
+        "imageId": pa.array(image_ids, pa.int64()),
+        "prompt": [prompts[i % 2] for i in image_ids],
+        "userHash": ["a" * 64] * len(image_ids),
+        "createdAt": pa.array([datetime(2026, 1, 1 + i % 20) for i in image_ids]),
+        **{
+            c: pa.array([i * (k + 1) for i in image_ids], pa.int64())
+            for k, c in enumerate(REACTIONS)
+        },
+    }
+    lake.write_table("images", pa.table(rows))
+    vecs = np.eye(4, dtype=np.float32)[[i % 4 for i in embedded_ids]]
+    lake.write_table(
+        emb.shard_table(0),
+        emb.vectors_table(
+            emb.image_embeddings_schema(4), embedded_ids, "enc", vecs, sha256=["x"] * len(vecs)
+        ),
+    )
+    [pid] = con.execute("SELECT prompt_id(normalize_prompt(?))", [prompts[0]]).fetchone()
+    lake.write_table(
+        emb.PROMPT_EMBEDDINGS,
+        emb.vectors_table(
+            emb.prompt_embeddings_schema(4),
+            [pid],
+            "enc",
+            np.eye(4, dtype=np.float32)[:1],
+            truncated=[False],
+        ),
+    )
+    lake.write_table(
+        "prompt_clusters",
+        pa.table({"prompt_id": [pid], "encoder": ["enc"], "cluster_id": pa.array([3], pa.int64())}),
+    )
+    return lake, con
+
+
+def test_scoring_inputs_align_rows_and_count_what_they_leave_out(tmp_path):
+    from warehouse.preferences import scoring_inputs
+
+    # images 1..8 were embedded; 7 and 8 have since been deleted from `images`
+    lake, con = _scoring_world(tmp_path, [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8])
+    inputs = scoring_inputs(con, lake, "enc")
+    # even ids have the first prompt (vector + cluster 3); odd ids lack a prompt vector
+    assert inputs.image_ids.tolist() == [2, 4, 6]
+    assert inputs.no_longer_in_images == 2 and inputs.without_prompt_vector == 3
+    assert inputs.cluster_ids.tolist() == [3, 3, 3] and inputs.unclustered == 0
+    assert inputs.image_vectors.shape == inputs.prompt_vectors.shape == (3, 4)
+    assert np.allclose(inputs.image_vectors, np.eye(4)[[2, 0, 2]])
+    assert inputs.reactions["heartCount"].tolist() == [4, 8, 12]
+    assert inputs.paths == [None, None, None]  # no image_files table yet
+    assert len(scoring_inputs(con, lake, "another-encoder")) == 0
+
+
+def test_scoring_inputs_before_the_embeddings_say_what_to_run(tmp_path):
+    from warehouse.duck import connect
+    from warehouse.preferences import scoring_inputs
+
+    lake = Lake(str(tmp_path / "lake"))
+    with pytest.raises(ValueError, match="materialize the embeddings stage first"):
+        scoring_inputs(connect(lake), lake, "enc")
