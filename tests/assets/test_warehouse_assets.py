@@ -9,6 +9,7 @@ import dagster as dg
 import duckdb
 import pytest
 
+from assets.preferences import PAIR_CHECKS
 from pipelines.config import resources_from_env
 from pipelines.definitions import build_definitions
 from pipelines.jobs import CRAWL
@@ -137,7 +138,9 @@ def test_every_asset_check_has_a_description():
     names = {(s.asset_key.to_user_string(), s.name) for s in specs}
     assert ("images", "safety_filter_applied") in names
     assert ("warehouse_catalog", "no_raw_usernames") in names
-    # 4 per clean table, unique_key per derived table, the quarantine's and the catalog's
-    assert len(specs) == 2 * 4 + len(DERIVED) + 2
+    assert {n for a, n in names if a == "preference_pairs"} == set(PAIR_CHECKS)
+    # 4 per clean table, unique_key per derived table, the quarantine's and the catalog's,
+    # and the preference pairs'
+    assert len(specs) == 2 * 4 + len(DERIVED) + 2 + len(PAIR_CHECKS)
     undescribed = [f"{s.asset_key.to_user_string()}:{s.name}" for s in specs if not s.description]
     assert not undescribed, undescribed
