@@ -20,8 +20,9 @@ from assets.embeddings import image_embeddings
 CRAWL = dg.AssetSelection.assets(civitai_pages, civitai_release)
 SHARDS = dg.AssetSelection.assets(image_embeddings)
 # Everything before the ML stages: sources, warehouse, media (tests and scripts that do not
-# need vectors select this, and skip the encoder's training).
-WAREHOUSE_AND_MEDIA = dg.AssetSelection.all() - dg.AssetSelection.groups("embeddings")
+# need models select this, and skip every training). Named positively, so a new ML group is
+# never pulled in by accident.
+WAREHOUSE_AND_MEDIA = dg.AssetSelection.groups("ingest", "warehouse", "media")
 
 all_assets_job = dg.define_asset_job(
     "imagegem_all",

@@ -1,5 +1,6 @@
 """Media assets against the local fake Civitai: images and LoRA files downloaded, checked,
-stored content-addressed, pickles refused, and a second run downloads nothing new."""
+stored content-addressed, pickles refused, and a refresh downloads only what is new (on the
+shared staged world of conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,47 +8,31 @@ import hashlib
 
 import pytest
 
-from pipelines.civitai.fake_server import serve_sample
-from pipelines.jobs import WAREHOUSE_AND_MEDIA
-from pipelines.resources import (
-    CivitaiResource,
-    MediaResource,
-    PipelineResources,
-    WarehouseResource,
-)
+from pipelines.resources import MediaResource, PipelineResources, WarehouseResource
 from pipelines.runner import materialize_all
-from pipelines.sample.generator import SampleSpec, generate_sample
+from tests.assets.conftest import FIRST_IMAGES, MORE_IMAGES, mats
 from warehouse.catalog import connect_readonly
 from warehouse.media import MediaStore
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    sample = tmp_path_factory.mktemp("sample")
-    generate_sample(sample, SampleSpec(users=60))
-    home = tmp_path_factory.mktemp("home")
-    with serve_sample(sample) as server:
-        settings = WarehouseResource(home=str(home), source="release", release_path=str(sample))
-        resources = PipelineResources(
-            settings,
-            CivitaiResource(base_url=server.url, rate_limit=0),
-            MediaResource(max_images=400),
-        )
-        first = materialize_all(resources, selection=WAREHOUSE_AND_MEDIA)
-        second = materialize_all(resources, selection=WAREHOUSE_AND_MEDIA)
+def run(stage):
+    """The shared staged world (tests/assets/conftest.py): a first day downloading up to
+    FIRST_IMAGES images, then a refresh allowed MORE_IMAGES."""
+    settings, first, second = stage
     return settings, first, second
 
 
-def meta(result, asset, key):
-    return result.asset_materializations_for_node(asset)[-1].metadata[key].value
+def meta(results, asset, key):
+    return mats(results, asset)[-1].metadata[key].value
 
 
 def test_images_downloaded_verified_and_stored_by_content(run):
     settings, first, _ = run
-    assert first.success
+    assert first and all(r.success for r in first)
     con = connect_readonly(settings.catalog_path())
     ok = con.execute("SELECT count(*) FROM image_files WHERE status = 'ok'").fetchone()[0]
-    assert 0 < ok <= 400
+    assert FIRST_IMAGES < ok <= MORE_IMAGES
     assert con.execute("SELECT count(*) FROM image_files WHERE status <> 'ok'").fetchone()[0] == 0
     store = MediaStore(settings.lake())
     for sha, path, width, height in con.execute(
@@ -93,13 +78,18 @@ def test_loras_checked_and_pickles_refused_never_loaded(run):
     assert keys == [("media", "models", True, True)]
 
 
-def test_second_run_downloads_nothing_new(run):
-    _, first, second = run
-    assert second.success
-    assert meta(first, "image_files", "downloaded") > 0
-    assert meta(second, "image_files", "downloaded") == 0
+def test_the_refresh_downloads_only_what_is_new(run):
+    settings, first, second = run
+    assert second and all(r.success for r in second)
+    before = meta(first, "image_files", "downloaded")
+    assert 0 < before <= FIRST_IMAGES
+    assert meta(second, "image_files", "carried_over") == before
+    con = connect_readonly(settings.catalog_path())
+    ok = con.execute("SELECT count(*) FROM image_files WHERE status = 'ok'").fetchone()[0]
+    assert meta(second, "image_files", "downloaded") == ok - before > 0
+    # the LoRAs do not depend on the image budget: the refresh finds them all stored
     assert meta(second, "lora_files", "downloaded") == 0
-    assert meta(second, "image_files", "carried_over") == meta(first, "image_files", "downloaded")
+    assert meta(second, "lora_files", "carried_over") == meta(first, "lora_files", "downloaded")
 
 
 def test_media_records_nothing_without_a_site(tmp_path, tiny_release):

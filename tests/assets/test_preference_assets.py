@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 def test_every_stage_ran_and_every_check_passed(stage):
     _, first, second = stage
     for results in (first, second):
-        assert all(r.success for r in results)
+        assert results and all(r.success for r in results)
     for asset in ("reward_model", "image_scores", "preference_pairs", "diffusion_base", "dpo_lora"):
         assert mats(first, asset), asset
     checks = {

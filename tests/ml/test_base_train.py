@@ -78,6 +78,7 @@ def test_the_folder_loads_with_only_the_unet_changed_and_notes_the_training(tiny
 def test_the_same_seed_gives_the_same_unet(tiny, trained, tmp_path):
     again = train_base(tiny, [*EXAMPLES, (b"not an image", "broken")], tmp_path / "b", FAST)
     first, second = _unet(trained.folder), _unet(again.folder)
+    assert first.keys() == second.keys() and len(first) > 10
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
