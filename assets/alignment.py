@@ -228,7 +228,9 @@ def dpo_lora(
             "1 — raise IMAGEGEM_PAIRS_TOP_K or embed more images"
         )
     base = base_folder(warehouse, preferences)
-    config = DPOConfig(
+    tiny = _is_tiny_base(base)
+    recipe = DPOConfig.tiny_base if tiny else DPOConfig.sd15  # lr, batch size, evaluations
+    config = recipe(
         beta=float(preferences.dpo_beta),
         rank=preferences.dpo_rank,
         steps=preferences.dpo_steps,
@@ -236,7 +238,7 @@ def dpo_lora(
         time_budget_s=float(preferences.dpo_seconds),
         device=encoder.device,
         precision=encoder.precision,
-        gradient_checkpointing=not _is_tiny_base(base),
+        gradient_checkpointing=not tiny,
     )
     context.log.info(
         f"dpo_lora: base {base}, {len(train)} training / {len(heldout)} held-out pairs, "

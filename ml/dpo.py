@@ -190,6 +190,16 @@ class DPOConfig:
             raise ValueError("DPOConfig: " + "; ".join(problems))
 
     @classmethod
+    def tiny_base(cls, **overrides: Any) -> DPOConfig:
+        """The recipe for the tiny base once ``diffusion_base`` has trained it on the
+        warehouse's images: the defaults with ``lr`` 3e-3. Measured on the demo's pairs
+        (110 training / 18 held-out, 60 s): held-out implicit accuracy stayed at 0.56-0.68
+        through training at 3e-3 and 1e-3, while 1e-2 (right for a random UNet, above)
+        peaked at 0.63 by step 25 and then overfit, held-out loss rising to 1.14 and
+        accuracy falling to 0.47."""
+        return cls(**{"lr": 3e-3, **overrides})
+
+    @classmethod
     def sd15(cls, **overrides: Any) -> DPOConfig:
         """The SD 1.5 recipe (the paper's β and diffusers' LoRA example: rank 8, lr 1e-5,
         batch 16 at 512 px, gradient checkpointing) on a GPU in bf16, with ``overrides``."""
