@@ -195,7 +195,7 @@ def dpo_lora(
     with the reward model and CLIP score (reported even when the tiny model shows no gain)."""
     from ml.dpo import DPOConfig, PreferencePair, generate, save_dpo_lora, train_dpo_lora
     from ml.embed import embed_images, embed_texts
-    from ml.preferences.engagement import heldout_images
+    from ml.preferences.engagement import heldout_growing
     from ml.preferences.reward import load_reward_model, score_embeddings
 
     lake, con = warehouse.lake(), warehouse.duck()
@@ -209,7 +209,7 @@ def dpo_lora(
     )
     captions = dict(con.execute(f"SELECT prompt_id, prompt FROM {lake.scan('prompts')}").fetchall())
     winners = np.array([p["winner_imageId"] for p in pairs], dtype=np.int64)
-    held = heldout_images(winners, HELDOUT_FRACTION) if len(pairs) else np.zeros(0, bool)
+    held = heldout_growing(winners, HELDOUT_FRACTION) if len(pairs) else np.zeros(0, bool)
 
     def as_pair(p: dict) -> PreferencePair | None:
         winner, loser = paths.get(p["winner_imageId"]), paths.get(p["loser_imageId"])

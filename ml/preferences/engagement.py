@@ -563,6 +563,30 @@ def heldout_images(
     return unit < fraction
 
 
+def heldout_growing(
+    image_ids: np.ndarray,
+    fraction: float,
+    min_heldout: int = 1,
+    min_train: int = 2,
+    largest: float = 0.5,
+    salt: int = DEFAULT_HELDOUT_SALT,
+) -> np.ndarray:
+    """:func:`heldout_images` at ``fraction``, raised step by step (×1.5, up to ``largest``)
+    while fewer than ``min_heldout`` are held out and at least ``min_train`` would remain: a
+    handful of items can otherwise hold none out by chance. Each step only adds items (the
+    split is a threshold on the hash), so the result is still a pure function of the ids
+    and their number."""
+    ids = np.asarray(image_ids)
+    held = heldout_images(ids, fraction, salt)
+    while held.sum() < min_heldout and fraction < largest:
+        fraction = min(largest, fraction * 1.5)
+        grown = heldout_images(ids, fraction, salt)
+        if len(ids) - grown.sum() < min_train:
+            break
+        held = grown
+    return held
+
+
 @dataclass
 class PairSplit:
     """Training and held-out pairs (positions into the image arrays) with no image in common."""

@@ -393,3 +393,19 @@ def test_engagement_is_finite_for_a_realistic_mix():
     assert result.n_valid == n and not result.excluded
     assert math.isfinite(result.global_mean)
     assert abs(np.nanmean(result.values)) < 0.5
+
+
+def test_heldout_growing_holds_one_out_of_a_handful_and_only_adds():
+    from ml.preferences.engagement import heldout_growing, heldout_images
+
+    for n in range(3, 40):
+        ids = np.arange(1_000 * n, 1_000 * n + n)
+        held = heldout_growing(ids, 0.2)
+        base = heldout_images(ids, 0.2)
+        assert held.sum() >= 1 and (~held).sum() >= 2, n
+        assert (held | base).sum() == held.sum()  # a superset of the plain split
+        assert np.array_equal(held, heldout_growing(ids, 0.2))  # deterministic
+    big = np.arange(1, 5_000)
+    assert np.array_equal(heldout_growing(big, 0.2), heldout_images(big, 0.2))  # unchanged
+    two = np.array([5, 6])
+    assert (~heldout_growing(two, 0.2)).sum() >= (~heldout_images(two, 0.2)).sum()  # no growth
