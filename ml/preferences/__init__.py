@@ -8,6 +8,6 @@
 * :mod:`ml.preferences.scorers` — one interface over the scorers the stage can run: HPSv2
   (open_clip ViT-H-14 with a local checkpoint), the reward model, and the CLIP score.
 
-No Dagster imports, and nothing here reads the sample's planted ``truth/``: comparing the
-scorers with the planted quality is ``ml/evaluation``'s job.
+No Dagster imports and no evaluation: comparing the scorers with the sample's planted
+quality is ``ml/evaluation``'s job, and models never see it.
 """
