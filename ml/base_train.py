@@ -40,7 +40,7 @@ from ml.diffusion import (
     to_model_range,
 )
 from ml.encoders import resolve_device
-from ml.runtime import bf16_autocast, out_of_time, torch_threads
+from ml.runtime import bf16_autocast, out_of_time, tail_mean, torch_threads
 from warehouse.files import atomic_write_bytes, fsync_tree, replace_dir
 
 LOG = logging.getLogger(__name__)
@@ -93,14 +93,13 @@ class BaseTrainResult:
 
     def metrics(self) -> dict[str, Any]:
         losses = [v for _, v in self.loss_curve]
-        tail = losses[-max(1, len(losses) // 10) :] if losses else []
         return {
             "steps": self.steps,
             "seconds": round(self.seconds, 1),
             "images": self.n_images,
             "skipped": dict(self.skipped),
             "first_loss": round(losses[0], 4) if losses else None,
-            "final_loss": round(float(np.mean(tail)), 4) if tail else None,
+            "final_loss": round(tail_mean(self.loss_curve), 4) if losses else None,
             "stop_reason": self.stop_reason,
         }
 

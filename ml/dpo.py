@@ -83,7 +83,7 @@ from ml.diffusion import (
 )
 from ml.encoders import PRECISIONS, resolve_device
 from ml.encoders.checkpoint import file_sha256
-from ml.runtime import out_of_time, torch_threads
+from ml.runtime import out_of_time, tail_mean, torch_threads
 from warehouse.files import atomic_write_bytes, fsync_tree, replace_dir
 
 if TYPE_CHECKING:
@@ -258,11 +258,11 @@ class DPOResult:
     @property
     def final_loss(self) -> float:
         """Mean training loss over the last 10 % of steps (NaN without steps)."""
-        return _tail_mean(self.loss_curve)
+        return tail_mean(self.loss_curve)
 
     @property
     def final_accuracy(self) -> float:
-        return _tail_mean(self.accuracy_curve)
+        return tail_mean(self.accuracy_curve)
 
     @property
     def heldout_accuracy(self) -> float | None:
@@ -292,13 +292,6 @@ class DPOResult:
             "tiny_model": self.tiny_model,
             "warnings": list(self.warnings),
         }
-
-
-def _tail_mean(curve: Sequence[tuple[int, float]]) -> float:
-    if not curve:
-        return float("nan")
-    tail = curve[-max(1, len(curve) // 10) :]
-    return float(np.mean([v for _, v in tail]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -794,7 +787,7 @@ def _train(
         seconds,
         stop_reason,
         losses[0][1] if losses else float("nan"),
-        _tail_mean(losses),
+        tail_mean(losses),
         f"{heldout_curve[0][1]:.3f} → {heldout_curve[-1][1]:.3f}" if heldout_curve else "n/a",
     )
     return DPOResult(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -38,3 +38,12 @@ def out_of_time(step: int, now: float, step_time: float, deadline: float) -> boo
     estimate of one) would end after ``deadline`` — but never before the first step, so a
     budget spent on setup (decoding, encoding) still trains, saves and reports one step."""
     return step > 0 and now + step_time > deadline
+
+
+def tail_mean(curve: Sequence[tuple[int, float]]) -> float:
+    """Mean of the last 10 % (at least one) of a ``(step, value)`` curve — a training loss
+    summary less noisy than the last step's; NaN for an empty curve."""
+    if not curve:
+        return float("nan")
+    tail = curve[-max(1, len(curve) // 10) :]
+    return float(sum(v for _, v in tail) / len(tail))

@@ -57,7 +57,7 @@ from PIL import Image
 
 from ml.encoders import TINY_ENCODER, build_model, builtin_configs, encoder_tag, resolve_device
 from ml.encoders.checkpoint import save_state_dict
-from ml.runtime import bf16_autocast, out_of_time, torch_threads
+from ml.runtime import bf16_autocast, out_of_time, tail_mean, torch_threads
 
 LOG = logging.getLogger(__name__)
 
@@ -154,10 +154,7 @@ class TrainResult:
     @property
     def final_loss(self) -> float:
         """Mean training loss over the last 10 % of steps (one step's loss is noisy)."""
-        if not self.loss_curve:
-            return float("nan")
-        tail = self.loss_curve[-max(1, len(self.loss_curve) // 10) :]
-        return float(np.mean([loss for _, loss in tail]))
+        return tail_mean(self.loss_curve)
 
     def metrics(self) -> dict[str, Any]:
         """JSON-able summary (what the sidecar and asset metadata record)."""
